@@ -1,0 +1,48 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+# Both create .venv if missing and install the project; where no NVIDIA GPU is present the
+# CPU build of torch is installed first (an unpinned torch would pull a multi-GB CUDA build).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_CPU_VERSION ?= 2.13.0
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast lint format clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "NVIDIA GPU found: installing the default (CUDA) torch build"; \
+	else \
+		echo "no NVIDIA GPU: installing the CPU torch build $(TORCH_CPU_VERSION)"; \
+		$(BIN)/pip install --quiet "torch==$(TORCH_CPU_VERSION)" || \
+		$(BIN)/pip install --quiet "torch==$(TORCH_CPU_VERSION)" --index-url https://download.pytorch.org/whl/cpu; \
+	fi
+	$(BIN)/pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/llava-ray demo --workdir demo_run
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check platform jobs tests
+	$(BIN)/ruff format --check platform jobs tests
+
+format: install
+	$(BIN)/ruff format platform jobs tests
+	$(BIN)/ruff check --fix platform jobs tests
+
+clean:
+	rm -rf $(VENV) demo_run .pytest_cache

@@ -1,0 +1,186 @@
+"""Load a YAML config, apply ``dotted.key=value`` overrides, and validate it before any work.
+
+Every problem is collected and raised once as :class:`ConfigError`, one line per bad key with
+its value and the fix: a typo is an error with a "did you mean" hint, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from llava_ray.config.schema import LlavaRayConfig, cross_section_problems
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; ``problems`` holds one line per bad key."""
+
+    def __init__(self, problems: Sequence[str], source: str | None = None):
+        self.problems = list(problems)
+        where = f" in {source}" if source else ""
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid config{where} ({len(self.problems)} problem(s)):\n{lines}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.0.c=value`` -> (["a", "b", "0", "c"], parsed value); values are parsed as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
+        raise ConfigError([f"override {text!r}: expected dotted.key=value, e.g. train.learning_rate=2e-5"])
+    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> tuple[dict[str, Any], list[str]]:
+    """A copy of ``raw`` with each well-formed override set, and one problem per bad override.
+
+    List items are addressed by index (``data.sources.0.path=...``).
+    """
+    result = yaml.safe_load(yaml.safe_dump(raw))  # deep copy of plain data
+    problems = []
+    for text in overrides:
+        try:
+            path, value = parse_override(text)
+        except ConfigError as error:
+            problems.extend(error.problems)
+            continue
+        node: Any = result
+        for depth, part in enumerate(path[:-1]):
+            node, problem = _descend(node, part, ".".join(path[: depth + 1]))
+            if problem:
+                problems.append(f"override {text!r}: {problem}")
+                break
+        else:
+            problem = _assign(node, path[-1], value)
+            if problem:
+                problems.append(f"override {text!r}: {problem}")
+    return result, problems
+
+
+def _descend(node: Any, part: str, dotted: str) -> tuple[Any, str | None]:
+    if isinstance(node, list):
+        if not part.isdigit() or int(part) >= len(node):
+            return None, f"{dotted}: no list item {part!r} (the list has {len(node)})"
+        return node[int(part)], None
+    if isinstance(node, dict):
+        if not isinstance(node.get(part), dict | list):
+            node[part] = {}
+        return node[part], None
+    return None, f"{dotted} is a value, not a section"
+
+
+def _assign(node: Any, part: str, value: Any) -> str | None:
+    if isinstance(node, list):
+        if not part.isdigit() or int(part) >= len(node):
+            return f"no list item {part!r} (the list has {len(node)})"
+        node[int(part)] = value
+    else:
+        node[part] = value
+    return None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing file or a non-mapping is a ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"config file {str(path)!r} does not exist; pass an existing YAML file"])
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError([f"config file {str(path)!r} is not valid YAML: {error}"]) from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            [f"config file {str(path)!r} must hold a mapping of sections, not {type(raw).__name__}"]
+        )
+    return raw
+
+
+def validate_config(
+    raw: dict[str, Any], source: str | None = None, earlier_problems: Sequence[str] = ()
+) -> LlavaRayConfig:
+    """Validate plain data into a :class:`LlavaRayConfig` or raise one :class:`ConfigError`.
+
+    ``earlier_problems`` (bad overrides, say) are reported in the same error.
+    """
+    problems = list(earlier_problems)
+    try:
+        config = LlavaRayConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError([*problems, *(_describe(e) for e in error.errors())], source) from None
+    problems += cross_section_problems(config)
+    if problems:
+        raise ConfigError(problems, source)
+    return config
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> LlavaRayConfig:
+    """Load ``path`` (or the defaults when None), apply overrides, validate."""
+    raw = read_yaml(path) if path is not None else {}
+    raw, problems = apply_overrides(raw, overrides)
+    return validate_config(raw, str(path) if path else None, problems)
+
+
+def dump_config(config: LlavaRayConfig) -> str:
+    """The resolved config as YAML, every default spelled out."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten_config(config: LlavaRayConfig) -> dict[str, Any]:
+    """``{"train.learning_rate": 0.001, ...}`` for MLflow params and result tables."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), item)
+        else:
+            flat[prefix] = value
+
+    walk("", config.model_dump(mode="json"))
+    return flat
+
+
+def _describe(error: dict[str, Any]) -> str:
+    """One line for one pydantic error: the dotted key, the value and the fix."""
+    loc = [str(part) for part in error["loc"]]
+    key = ".".join(loc) or "<root>"
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key. {_unknown_key_fix(loc)}"
+    message = error["msg"].removeprefix("Value error, ")
+    value = error.get("input")
+    if isinstance(value, dict):  # a whole section: its keys are named in the message
+        return f"{key}: {message}"
+    return f"{key} = {value!r}: {message}"
+
+
+def _unknown_key_fix(loc: list[str]) -> str:
+    """Suggest the closest valid key of the section the unknown key sits in."""
+    model: type[BaseModel] | None = LlavaRayConfig
+    for part in loc[:-1]:
+        if model is None or part.isdigit():
+            continue
+        field = model.model_fields.get(part)
+        model = _section_model(field.annotation) if field else None
+    if model is None:
+        return "Remove it."
+    valid = list(model.model_fields)
+    close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.6)
+    hint = f"Did you mean {close[0]!r}? " if close else ""
+    return f"{hint}Valid keys here: {', '.join(valid)}."
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model behind a field annotation such as ``Section`` or ``list[Section]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _section_model(arg)
+        if found is not None:
+            return found
+    return None

@@ -1,0 +1,1 @@
+"""Data: the synthetic dataset, LLaVA-format loading, image preprocessing and collation."""

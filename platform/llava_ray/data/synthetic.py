@@ -1,0 +1,492 @@
+"""A deterministic synthetic vision-language dataset: flat coloured shapes on a grey background.
+
+The demo and every test train and evaluate on this data instead of downloading COCO. Each image
+holds one to four objects of one shape and one colour; questions ask for the colour, the shape,
+the count, or (for a single object) its quadrant, in fixed phrasings with one-word answers. That
+is easy enough for the tiny preset (a 2-layer ViT on 64 px images, a 2-4 layer width-128 Llama)
+to reach >= 0.9 held-out exact-match accuracy, where guessing scores at most 0.25, so a working
+pipeline and a broken one are told apart in minutes on a CPU.
+
+Run it with ``llava-ray synth --out data/synthetic --samples 200``; :func:`generate` writes::
+
+    images/train_000000.png ...    training images (sizes 64-128 px, often not square)
+    images/eval_000000.png ...     held-out images
+    stage1.json                    caption samples, LLaVA's JSON list format (pretraining)
+    stage2.json                    1-3 turn questions per image plus ~10% text-only arithmetic
+    eval.json                      one item per (held-out image, question type), canonical phrasing
+    coco/instances.json            COCO 2017 instances (boxes) for the training images
+    coco/captions.json             COCO 2017 captions, five per training image
+    manifest.json                  seed, sizes, file names, answer choices and ground truth
+
+Everything is a function of the seed: rerunning writes byte-identical files.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+IMAGE_PLACEHOLDER = "<image>"
+# LLaVA-1.5 appends this to its short-answer VQA data (VQAv2, GQA), so the same prompt works here.
+SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
+
+# Saturated and far apart in RGB, and never grey, so an object pixel is never mistaken for background.
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "yellow": (240, 210, 0),
+    "purple": (140, 40, 180),
+    "orange": (250, 130, 0),
+}
+SHAPES = ("circle", "square", "triangle", "diamond")
+POSITIONS = ("top left", "top right", "bottom left", "bottom right")
+QUESTION_TYPES = ("color", "shape", "count", "position")
+MAX_COUNT = 4
+COUNT_WORDS = ("one", "two", "three", "four")
+CHOICES: dict[str, tuple[str, ...]] = {
+    "color": tuple(COLORS),
+    "shape": SHAPES,
+    "count": tuple(str(count) for count in range(1, MAX_COUNT + 1)),
+    "position": POSITIONS,
+}
+
+_IMAGE_SIDES = (64, 80, 96, 112, 128)
+_BACKGROUND_LEVELS = (235, 240, 245, 250)
+_OBJECT_SCALE = (0.28, 0.36)  # of the image's shorter side
+# Empty pixels between objects and around the border: objects never touch, so each is one component.
+_MARGIN = 2
+_PLACEMENT_TRIES = 200
+_SHRINK_STEPS = (1.0, 0.9, 0.8, 0.7, 0.6)
+_TEXT_ONLY_FRACTION = 0.1
+_PLACEHOLDER_AT_END_FRACTION = 0.1
+
+# The first phrasing of each type is the canonical one, the only one eval.json uses.
+_QUESTIONS: dict[str, tuple[str, ...]] = {
+    "color": ("What color are the shapes?", "What is the color of the shapes?"),
+    "shape": ("What shape is shown?", "Which shape is in the image?"),
+    "count": ("How many shapes are there?", "How many shapes are in the image?"),
+    "position": ("Where is the shape?", "Where in the image is the shape?"),
+}
+_SINGULAR_QUESTIONS: dict[str, tuple[str, ...]] = {
+    "color": ("What color is the shape?", "What is the color of the shape?"),
+}
+_CAPTION_INSTRUCTIONS = (
+    "Describe the image briefly.",
+    "Give a short caption of the image.",
+    "Summarize the image in a few words.",
+)
+# Five templates, so COCO's five distinct captions per image come from one description.
+_CAPTION_TEMPLATES = (
+    "{Count} {color} {shapes}{where}.",
+    "A picture of {count} {color} {shapes}{where}.",
+    "An image with {count} {color} {shapes}{where}.",
+    "{Count} {color} {shapes} on a grey background{where}.",
+    "There {verb} {count} {color} {shapes}{where}.",
+)
+_ARITHMETIC: tuple[tuple[str, str], ...] = tuple(
+    [(f"What is {a} plus {b}?", str(a + b)) for a in range(10) for b in range(10)]
+    + [(f"What is {a} minus {b}?", str(a - b)) for a in range(10) for b in range(a + 1)]
+)
+
+Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels; x1 and y1 exclusive
+
+
+@dataclass(frozen=True)
+class Label:
+    """What an image shows: the facts every question, answer and caption is made from."""
+
+    shape: str
+    color: str
+    count: int
+    position: str | None  # only for a single object
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One image: its label and the geometry that draws it."""
+
+    label: Label
+    width: int
+    height: int
+    background: int
+    boxes: tuple[Box, ...]
+
+
+def generate(
+    out_dir: str | Path, samples: int = 200, eval_samples: int | None = None, seed: int = 0
+) -> dict[str, Any]:
+    """Write the dataset (layout in the module docstring) to ``out_dir`` and return its manifest.
+
+    ``eval_samples`` defaults to ``max(20, samples // 5)``. Files already in ``out_dir`` with the
+    same names are overwritten; others are left alone.
+    """
+    if eval_samples is None:
+        eval_samples = max(20, samples // 5)
+    for name, value in (("samples", samples), ("eval_samples", eval_samples)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}; ask for one or more images")
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "coco").mkdir(exist_ok=True)
+
+    # Independent streams per split: changing the training size leaves the held-out set unchanged.
+    train = _sample_scenes(random.Random(f"{seed}:train"), samples)
+    held_out = _sample_scenes(random.Random(f"{seed}:eval"), eval_samples)
+    for split, scenes in (("train", train), ("eval", held_out)):
+        for index, scene in enumerate(scenes):
+            _render(scene).save(out / _image_path(split, index), format="PNG")
+
+    text_rng = random.Random(f"{seed}:text")
+    placeholder_at_end = set(text_rng.sample(range(samples), round(samples * _PLACEHOLDER_AT_END_FRACTION)))
+    stage1 = [
+        {
+            "id": _image_id("train", index),
+            "image": _image_path("train", index),
+            "conversations": _caption_conversation(text_rng, scene.label),
+        }
+        for index, scene in enumerate(train)
+    ]
+    stage2 = [
+        {
+            "id": _image_id("train", index),
+            "image": _image_path("train", index),
+            "conversations": _question_conversation(text_rng, scene.label, index in placeholder_at_end),
+        }
+        for index, scene in enumerate(train)
+    ]
+    stage2 += [
+        {"id": f"text-{index:06d}", "conversations": _arithmetic_conversation(text_rng)}
+        for index in range(round(samples * _TEXT_ONLY_FRACTION))
+    ]
+    instances, captions = _coco_annotations(train)
+
+    files = {
+        "stage1": "stage1.json",
+        "stage2": "stage2.json",
+        "eval": "eval.json",
+        "coco_instances": "coco/instances.json",
+        "coco_captions": "coco/captions.json",
+        "images": "images",
+    }
+    manifest = {
+        "seed": seed,
+        "samples": samples,
+        "eval_samples": eval_samples,
+        "files": files,
+        "question_types": {
+            question_type: {"choices": list(choices), "chance": 1 / len(choices)}
+            for question_type, choices in CHOICES.items()
+        },
+        "objects": {
+            _image_id(split, index): {**asdict(scene.label), "boxes": [list(box) for box in scene.boxes]}
+            for split, scenes in (("train", train), ("eval", held_out))
+            for index, scene in enumerate(scenes)
+        },
+    }
+    for name, content in (
+        ("stage1", stage1),
+        ("stage2", stage2),
+        ("eval", _eval_items(held_out)),
+        ("coco_instances", instances),
+        ("coco_captions", captions),
+    ):
+        _write_json(out / files[name], content)
+    _write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def corpus_texts(seed: int = 0, samples: int = 400) -> list[str]:
+    """Every text the generator can emit, without writing images: the tiny tokenizer's training corpus.
+
+    All phrasings, answers, captions and arithmetic problems are enumerated exhaustively, so no
+    generated word is unseen; ``samples`` sampled conversations follow so that frequent phrases
+    weigh as they do in the data. The ``<image>`` placeholder is left out: tokenizers add it as a
+    special token.
+    """
+    texts = [*_CAPTION_INSTRUCTIONS]
+    texts += [
+        question + SHORT_ANSWER_SUFFIX for phrasings in _all_question_phrasings() for question in phrasings
+    ]
+    texts += [answer for choices in CHOICES.values() for answer in choices]
+    for shape, color, count in itertools.product(SHAPES, COLORS, range(1, MAX_COUNT + 1)):
+        for position in POSITIONS if count == 1 else (None,):
+            texts += _captions(Label(shape, color, count, position))
+    texts += [text for question, answer in _ARITHMETIC for text in (question + SHORT_ANSWER_SUFFIX, answer)]
+
+    rng = random.Random(f"{seed}:corpus")
+    for _ in range(samples):
+        label = _sample_scene(rng).label
+        for conversation in (
+            _caption_conversation(rng, label),
+            _question_conversation(rng, label, placeholder_at_end=False),
+            _arithmetic_conversation(rng),
+        ):
+            texts += [_strip_placeholder(turn["value"]) for turn in conversation]
+    return texts
+
+
+def normalize_answer(text: str) -> str:
+    """Canonical form for exact-match scoring: lower case, single spaces, no trailing punctuation."""
+    return " ".join(text.strip().lower().rstrip(".!?,;:").split())
+
+
+def _image_id(split: str, index: int) -> str:
+    return f"{split}-{index:06d}"
+
+
+def _image_path(split: str, index: int) -> str:
+    return f"images/{split}_{index:06d}.png"
+
+
+def _write_json(path: Path, content: Any) -> None:
+    path.write_text(json.dumps(content, indent=1) + "\n")
+
+
+def _sample_scenes(rng: random.Random, count: int) -> list[Scene]:
+    return [_sample_scene(rng) for _ in range(count)]
+
+
+def _sample_scene(rng: random.Random) -> Scene:
+    width, height = rng.choice(_IMAGE_SIDES), rng.choice(_IMAGE_SIDES)
+    count = rng.randint(1, MAX_COUNT)
+    position = rng.choice(POSITIONS) if count == 1 else None
+    label = Label(shape=rng.choice(SHAPES), color=rng.choice(tuple(COLORS)), count=count, position=position)
+    return Scene(
+        label=label,
+        width=width,
+        height=height,
+        background=rng.choice(_BACKGROUND_LEVELS),
+        boxes=_place_boxes(rng, width, height, count, position),
+    )
+
+
+def _place_boxes(
+    rng: random.Random, width: int, height: int, count: int, position: str | None
+) -> tuple[Box, ...]:
+    """Square boxes that keep ``_MARGIN`` from each other and the border (and inside ``position``'s quadrant).
+
+    Rejection sampling; objects shrink when a crowded small image keeps rejecting them.
+    """
+    x_lo, y_lo, x_hi, y_hi = _MARGIN, _MARGIN, width - _MARGIN, height - _MARGIN
+    if position is not None:
+        vertical, horizontal = position.split()
+        # A box wholly inside the quadrant makes the answer unambiguous, whatever its size.
+        x_lo, x_hi = (x_lo, width // 2 - _MARGIN) if horizontal == "left" else (width // 2 + _MARGIN, x_hi)
+        y_lo, y_hi = (y_lo, height // 2 - _MARGIN) if vertical == "top" else (height // 2 + _MARGIN, y_hi)
+    shorter = min(width, height)
+    for shrink in _SHRINK_STEPS:
+        for _ in range(_PLACEMENT_TRIES):
+            boxes: list[Box] = []
+            for _ in range(count):
+                side = round(shorter * rng.uniform(*_OBJECT_SCALE) * shrink)
+                side = min(side, x_hi - x_lo, y_hi - y_lo)
+                x0, y0 = rng.randint(x_lo, x_hi - side), rng.randint(y_lo, y_hi - side)
+                box = (x0, y0, x0 + side, y0 + side)
+                if any(_too_close(box, other) for other in boxes):
+                    break
+                boxes.append(box)
+            else:
+                return tuple(boxes)
+    raise RuntimeError(f"could not place {count} objects in a {width}x{height} image; widen _SHRINK_STEPS")
+
+
+def _too_close(a: Box, b: Box) -> bool:
+    apart = (
+        a[2] + _MARGIN <= b[0] or b[2] + _MARGIN <= a[0] or a[3] + _MARGIN <= b[1] or b[3] + _MARGIN <= a[1]
+    )
+    return not apart
+
+
+def _render(scene: Scene) -> Image.Image:
+    image = Image.new("RGB", (scene.width, scene.height), (scene.background,) * 3)
+    draw = ImageDraw.Draw(image)
+    fill = COLORS[scene.label.color]
+    for box in scene.boxes:
+        if scene.label.shape == "circle":
+            draw.ellipse(_inclusive(box), fill=fill)
+        elif scene.label.shape == "square":
+            draw.rectangle(_inclusive(box), fill=fill)
+        else:
+            draw.polygon(_outline(scene.label.shape, box), fill=fill)
+    return image
+
+
+def _inclusive(box: Box) -> Box:
+    """Pillow's last-pixel coordinates for an exclusive box."""
+    x0, y0, x1, y1 = box
+    return x0, y0, x1 - 1, y1 - 1
+
+
+def _outline(shape: str, box: Box) -> list[tuple[int, int]]:
+    """Polygon vertices in pixel coordinates; also the COCO segmentation (circles as 16-gons)."""
+    x0, y0, x1, y1 = _inclusive(box)
+    cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
+    if shape == "triangle":  # apex up: the widest row is the bottom one
+        return [(cx, y0), (x1, y1), (x0, y1)]
+    if shape == "diamond":
+        return [(cx, y0), (x1, cy), (cx, y1), (x0, cy)]
+    if shape == "square":
+        return [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
+    radius = (x1 - x0) / 2
+    return [
+        (round(x0 + radius + radius * math.cos(angle)), round(y0 + radius + radius * math.sin(angle)))
+        for angle in (2 * math.pi * step / 16 for step in range(16))
+    ]
+
+
+def _all_question_phrasings() -> list[tuple[str, ...]]:
+    return [*_QUESTIONS.values(), *_SINGULAR_QUESTIONS.values()]
+
+
+def _question_phrasings(question_type: str, label: Label) -> tuple[str, ...]:
+    if label.count == 1 and question_type in _SINGULAR_QUESTIONS:
+        return _SINGULAR_QUESTIONS[question_type]
+    return _QUESTIONS[question_type]
+
+
+def _question_types(label: Label) -> tuple[str, ...]:
+    return tuple(kind for kind in QUESTION_TYPES if kind != "position" or label.position is not None)
+
+
+def _answer(question_type: str, label: Label) -> str:
+    answers = {
+        "color": label.color,
+        "shape": label.shape,
+        "count": str(label.count),
+        "position": label.position,
+    }
+    answer = answers[question_type]
+    if answer is None:
+        raise ValueError(f"no {question_type!r} answer for {label}; ask only _question_types(label)")
+    return answer
+
+
+def _captions(label: Label) -> list[str]:
+    count_word = COUNT_WORDS[label.count - 1]
+    fields = {
+        "count": count_word,
+        "Count": count_word.capitalize(),
+        "color": label.color,
+        "shapes": label.shape if label.count == 1 else label.shape + "s",
+        "verb": "is" if label.count == 1 else "are",
+        "where": f" in the {label.position}" if label.position else "",
+    }
+    return [template.format(**fields) for template in _CAPTION_TEMPLATES]
+
+
+def _conversation(turns: list[tuple[str, str]], placeholder: str | None) -> list[dict[str, str]]:
+    """LLaVA's alternating human/gpt turns; ``placeholder`` ("start", "end" or None) places ``<image>``."""
+    messages = []
+    for index, (question, answer) in enumerate(turns):
+        if index == 0 and placeholder == "start":
+            question = f"{IMAGE_PLACEHOLDER}\n{question}"
+        elif index == 0 and placeholder == "end":
+            question = f"{question}\n{IMAGE_PLACEHOLDER}"
+        messages += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+    return messages
+
+
+def _strip_placeholder(text: str) -> str:
+    return text.replace(f"{IMAGE_PLACEHOLDER}\n", "").replace(f"\n{IMAGE_PLACEHOLDER}", "")
+
+
+def _caption_conversation(rng: random.Random, label: Label) -> list[dict[str, str]]:
+    return _conversation([(rng.choice(_CAPTION_INSTRUCTIONS), rng.choice(_captions(label)))], "start")
+
+
+def _question_conversation(
+    rng: random.Random, label: Label, placeholder_at_end: bool
+) -> list[dict[str, str]]:
+    types = _question_types(label)
+    chosen = rng.sample(types, rng.randint(1, min(3, len(types))))
+    turns = [
+        (rng.choice(_question_phrasings(kind, label)) + SHORT_ANSWER_SUFFIX, _answer(kind, label))
+        for kind in chosen
+    ]
+    return _conversation(turns, "end" if placeholder_at_end else "start")
+
+
+def _arithmetic_conversation(rng: random.Random) -> list[dict[str, str]]:
+    problems = rng.sample(_ARITHMETIC, rng.randint(1, 2))
+    return _conversation([(question + SHORT_ANSWER_SUFFIX, answer) for question, answer in problems], None)
+
+
+def _eval_items(scenes: list[Scene]) -> list[dict[str, Any]]:
+    items = []
+    for index, scene in enumerate(scenes):
+        for kind in _question_types(scene.label):
+            question = _question_phrasings(kind, scene.label)[0] + SHORT_ANSWER_SUFFIX
+            answer = _answer(kind, scene.label)
+            items.append(
+                {
+                    "id": f"{_image_id('eval', index)}-{kind}",
+                    "image": _image_path("eval", index),
+                    "conversations": _conversation([(question, answer)], "start"),
+                    "question_type": kind,
+                    "answer": answer,
+                    "choices": list(CHOICES[kind]),
+                }
+            )
+    return items
+
+
+def _coco_annotations(scenes: list[Scene]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """COCO 2017 ``instances`` and ``captions`` files for ``scenes`` (the training split)."""
+    header = {
+        "info": {
+            "description": "llava-ray synthetic shapes",
+            "version": "1.0",
+            "year": 2025,
+            "contributor": "llava_ray.data.synthetic",
+            "url": "",
+            "date_created": "2025/01/01",
+        },
+        "licenses": [],
+        "images": [
+            {
+                "id": index + 1,
+                "file_name": Path(_image_path("train", index)).name,
+                "width": s.width,
+                "height": s.height,
+            }
+            for index, s in enumerate(scenes)
+        ],
+    }
+    # Area of the drawn shape relative to its box, as COCO's area is the object's, not the box's.
+    fill_ratio = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5, "diamond": 0.5}
+    boxes = [(index + 1, scene.label.shape, box) for index, scene in enumerate(scenes) for box in scene.boxes]
+    instances = {
+        **header,
+        "annotations": [
+            {
+                "id": annotation_id,
+                "image_id": image_id,
+                "category_id": SHAPES.index(shape) + 1,
+                "segmentation": [[float(c) for point in _outline(shape, box) for c in point]],
+                "bbox": [float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])],
+                "area": (box[2] - box[0]) * (box[3] - box[1]) * fill_ratio[shape],
+                "iscrowd": 0,
+            }
+            for annotation_id, (image_id, shape, box) in enumerate(boxes, start=1)
+        ],
+        "categories": [
+            {"id": index + 1, "name": shape, "supercategory": "shape"} for index, shape in enumerate(SHAPES)
+        ],
+    }
+    texts = [(index + 1, text) for index, scene in enumerate(scenes) for text in _captions(scene.label)]
+    captions = {
+        **header,
+        "annotations": [
+            {"id": annotation_id, "image_id": image_id, "caption": text}
+            for annotation_id, (image_id, text) in enumerate(texts, start=1)
+        ],
+    }
+    return instances, captions

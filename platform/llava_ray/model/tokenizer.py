@@ -1,0 +1,92 @@
+"""Tokenizers: LLaVA's special tokens, and the tiny preset's tokenizer trained locally.
+
+The tiny tokenizer is a byte-level BPE (any text encodes, nothing maps to ``<unk>``) trained with
+the ``tokenizers`` library on the synthetic corpus and saved as an ordinary Hugging Face
+tokenizer folder, so ``AutoTokenizer.from_pretrained`` serves tiny and real models alike. The
+trained folder ships in the package (``assets/tiny-tokenizer``) so every machine uses the same
+ids; ``llava-ray build-tokenizer`` rebuilds it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+IMAGE_TOKEN = "<image>"
+PAD_TOKEN = "<pad>"
+TINY_TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-tokenizer"
+TINY_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", PAD_TOKEN, IMAGE_TOKEN, "<|im_start|>", "<|im_end|>"]
+TINY_VOCAB_SIZE = 1024
+
+# ChatML with generation markers, so `apply_chat_template(..., return_assistant_tokens_mask=True)`
+# knows which tokens the assistant wrote (the `tokenizer` conversation template relies on it).
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def train_tiny_tokenizer(
+    texts: Iterable[str], out_dir: str | Path, vocab_size: int = TINY_VOCAB_SIZE
+) -> Path:
+    """Train a byte-level BPE on ``texts`` and save it as a Hugging Face tokenizer folder."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=TINY_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(sorted(set(texts)), trainer=trainer)
+    # Like Llama's tokenizer: a plain encode starts with <s>.
+    bos = tokenizer.token_to_id("<s>")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token=PAD_TOKEN,
+        additional_special_tokens=[IMAGE_TOKEN, "<|im_start|>", "<|im_end|>"],
+        model_max_length=2048,
+        clean_up_tokenization_spaces=False,
+    )
+    wrapped.chat_template = TINY_CHAT_TEMPLATE
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    wrapped.save_pretrained(out_dir)
+    return out_dir
+
+
+def tiny_corpus() -> list[str]:
+    """The texts the tiny tokenizer is trained on: the synthetic data and the templates' fixed text."""
+    from llava_ray.data.synthetic import corpus_texts
+    from llava_ray.model.templates import template_fixed_texts
+
+    return [*corpus_texts(), *template_fixed_texts()]
+
+
+def ensure_special_tokens(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Add ``<image>`` (as one special token) and a pad token where the tokenizer lacks them.
+
+    The LM's embedding must then grow to ``len(tokenizer)``; ``build_language_model`` does that.
+    """
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    if tokenizer.pad_token is None:
+        # Vicuna has none; Hugging Face's llava-1.5 conversion adds <pad> after <image>.
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    return tokenizer

@@ -1,0 +1,54 @@
+"""Local paths and remote URLs (``s3://``, any fsspec protocol) behind one interface."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+CACHE_DIR = Path(os.environ.get("LLAVA_RAY_CACHE", Path.home() / ".cache" / "llava-ray"))
+
+
+def is_remote(uri: str) -> bool:
+    """True for URLs with a protocol other than the local file system (``s3://``, ``gs://``, ...)."""
+    protocol, _, rest = uri.partition("://")
+    return bool(rest) and protocol not in ("file", "local")
+
+
+def filesystem(uri: str, **storage_options: Any) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec file system for ``uri`` and the path within it.
+
+    ``s3://`` honours ``AWS_ENDPOINT_URL`` (a loopback S3 server in tests, MinIO on premises).
+    """
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+    return fs, path
+
+
+def local_copy(uri: str) -> str:
+    """A local path for ``uri``: remote files and folders are copied once into the cache.
+
+    Hub names (``openai/clip-vit-large-patch14-336``) and local paths are returned unchanged.
+    Concurrent callers (several workers on one node) each download to a private folder and the
+    first to finish publishes it with an atomic rename.
+    """
+    if not is_remote(uri):
+        return uri
+    fs, path = filesystem(uri)
+    slot = CACHE_DIR / "remote" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    target = slot / Path(path.rstrip("/")).name
+    if not slot.exists():
+        partial = slot.with_name(f"{slot.name}.partial-{os.getpid()}")
+        partial.mkdir(parents=True, exist_ok=True)
+        if fs.isdir(path):
+            fs.get(path.rstrip("/") + "/", str(partial / target.name), recursive=True)
+        else:
+            fs.get(path, str(partial / target.name))
+        try:
+            partial.rename(slot)
+        except OSError:  # another process published it first
+            shutil.rmtree(partial, ignore_errors=True)
+    return str(target)
