@@ -1,0 +1,1 @@
+"""The LLaVA model: presets, tokenizer, conversation templates, projector, export."""
