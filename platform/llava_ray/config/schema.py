@@ -231,6 +231,9 @@ class ScalingConfig(Section):
         default_factory=dict,
         description="Extra Ray resources per worker (e.g. accelerator_type:H100: 0.001).",
     )
+    max_failures: int = Field(
+        3, ge=0, description="Worker-group restarts (from the latest checkpoint) before the job fails."
+    )
 
 
 class TrackingConfig(Section):

@@ -52,3 +52,8 @@ def local_copy(uri: str) -> str:
         except OSError:  # another process published it first
             shutil.rmtree(partial, ignore_errors=True)
     return str(target)
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """``join_uri("s3://b/runs", "x", "final")`` -> ``s3://b/runs/x/final``; local paths likewise."""
+    return "/".join([base.rstrip("/"), *(part.strip("/") for part in parts)])

@@ -1,0 +1,41 @@
+"""Failure rehearsal: kill a chosen worker after a chosen step, once per run.
+
+Set ``fault.kill_rank`` and ``fault.kill_at_step`` in the config, or the environment variable
+``LLAVA_RAY_FAULT=RANK:STEP``. The worker exits abruptly (as an OOM-killed or preempted one
+would); Ray Train restarts the worker group and the run resumes from its latest checkpoint. A
+marker in the run's storage makes the fault fire once, so the resumed run can pass that step.
+"""
+
+from __future__ import annotations
+
+import os
+
+from llava_ray.config.schema import LlavaRayConfig
+from llava_ray.utils.storage import filesystem
+
+FAULT_ENV = "LLAVA_RAY_FAULT"
+
+
+def fault_target(config: LlavaRayConfig) -> tuple[int, int] | None:
+    """(rank, step) to kill, from the config or ``LLAVA_RAY_FAULT``; None when no fault is asked for."""
+    if config.fault.kill_rank is not None and config.fault.kill_at_step is not None:
+        return config.fault.kill_rank, config.fault.kill_at_step
+    value = os.environ.get(FAULT_ENV)
+    if not value:
+        return None
+    rank, _, step = value.partition(":")
+    return int(rank), int(step)
+
+
+def maybe_inject_fault(config: LlavaRayConfig, rank: int, step: int) -> None:
+    target = fault_target(config)
+    if target != (rank, step):
+        return
+    fs, root = filesystem(config.run.storage_path)
+    marker = f"{root.rstrip('/')}/{config.run.name}/fault-injected-rank{rank}-step{step}"
+    if fs.exists(marker):
+        return
+    fs.makedirs(marker.rsplit("/", 1)[0], exist_ok=True)
+    fs.pipe(marker, b"")
+    print(f"[fault] killing worker rank {rank} after step {step} ({FAULT_ENV} / fault.* config)", flush=True)
+    os._exit(1)
