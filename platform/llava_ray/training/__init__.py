@@ -1,0 +1,1 @@
+"""Stage training: schedule, collate, step, DeepSpeed engine, Ray Train loop and driver."""

@@ -1,0 +1,73 @@
+"""Collate prepared rows into model inputs.
+
+Input: rows as ``prepare`` writes them (``input_ids``, ``labels``: int lists with every image
+placeholder already expanded; ``images``: encoded images at the vision tower's size).
+Output (``B`` rows, ``T`` the longest row, ``N`` images in the micro-batch, ``S`` the image size):
+
+- ``input_ids``: long [B, T], right-padded with ``pad_id``
+- ``attention_mask``: long [B, T], 1 on real tokens
+- ``labels``: long [B, T], IGNORE_INDEX on padding, prompts and image positions
+- ``pixel_values``: float [N, 3, S, S] normalised with CLIP's mean and std, images in row order
+  (absent when no row has an image)
+- ``num_tokens``: the real (non-padding) tokens; ``num_supervised``: labels that carry a loss
+  after the causal shift
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from llava_ray.model.templates import IGNORE_INDEX
+
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+
+
+def image_to_tensor(data: bytes, image_size: int) -> torch.Tensor:
+    """An encoded, already resized RGB image as a normalised [3, S, S] float tensor."""
+    with Image.open(io.BytesIO(data)) as image:
+        if image.size != (image_size, image_size):
+            raise ValueError(
+                f"prepared image is {image.size[0]}x{image.size[1]}, the vision tower takes {image_size}x{image_size}; "
+                "prepare the data again with this model preset"
+            )
+        array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(((array - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1).copy())
+
+
+def collate_rows(rows: Sequence[dict[str, Any]], pad_id: int, image_size: int) -> dict[str, torch.Tensor]:
+    """Pad a micro-batch of prepared rows (see the module docstring for keys and shapes)."""
+    longest = max(len(row["input_ids"]) for row in rows)
+    input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    images: list[torch.Tensor] = []
+    for i, row in enumerate(rows):
+        length = len(row["input_ids"])
+        input_ids[i, :length] = torch.tensor(np.asarray(row["input_ids"]), dtype=torch.long)
+        labels[i, :length] = torch.tensor(np.asarray(row["labels"]), dtype=torch.long)
+        attention_mask[i, :length] = 1
+        images += [image_to_tensor(data, image_size) for data in (row.get("images") or [])]
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "num_tokens": attention_mask.sum(),
+        "num_supervised": (labels[:, 1:] != IGNORE_INDEX).sum(),
+    }
+    if images:
+        batch["pixel_values"] = torch.stack(images)
+    return batch
+
+
+def rows_from_columns(columns: dict[str, Any]) -> list[dict[str, Any]]:
+    """Ray Data hands ``collate_fn`` a dict of columns; rows are easier to pad."""
+    keys = list(columns)
+    count = len(columns[keys[0]])
+    return [{key: columns[key][i] for key in keys} for i in range(count)]

@@ -1,0 +1,245 @@
+"""The Ray Train worker loop of a stage job: setup -> train -> save -> cleanup.
+
+Every rank runs this function. Rank 0 alone prints progress, logs metrics and writes the final
+model; every rank takes part in DeepSpeed checkpoints (ZeRO shards) and in ``ray.train.report``,
+which is a barrier.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import torch
+import torch.distributed as dist
+
+from llava_ray.config.schema import LlavaRayConfig
+from llava_ray.model.llava import LlavaModel, build_llava_model, set_trainable
+from llava_ray.model.presets import load_tokenizer
+from llava_ray.training.collate import collate_rows, rows_from_columns
+from llava_ray.training.engine import (
+    accumulation_steps,
+    build_optimizer,
+    build_scheduler,
+    deepspeed_config,
+    resolve_precision,
+)
+from llava_ray.training.final import save_final_model
+from llava_ray.training.metrics import StepMetrics, format_progress
+from llava_ray.training.step import StepResult, train_step
+from llava_ray.utils.faults import maybe_inject_fault
+
+CHECKPOINT_TAG = "state"
+STATE_FILE = "train_state.json"
+
+
+@dataclass
+class TrainState:
+    """All resumable progress besides model, optimizer and scheduler (DeepSpeed keeps those)."""
+
+    step: int = 0
+    samples_seen: int = 0
+    loss_first: float | None = None
+    loss_last: float | None = None
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    config = LlavaRayConfig.model_validate(loop_config["config"])
+    step_tokens: np.ndarray = loop_config["step_tokens"]
+    total_steps = len(step_tokens)
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+
+    engine, model, tokenizer = setup_engine(config, world_size, device, total_steps)
+    state = restore_checkpoint(engine, rank)
+    batches = micro_batches(
+        config, rank, tokenizer.pad_token_id, model, skip_steps=state.step, world_size=world_size
+    )
+    if rank == 0:
+        print(
+            f"[train] {config.run.name}: {config.train.stage}/{config.train.trainable}, {total_steps} steps, "
+            f"{world_size} workers x {config.train.micro_batch_size} x {accumulation_steps(config, world_size)} "
+            f"accumulation, ZeRO-{config.deepspeed.zero_stage}, {resolve_precision(config, device.type == 'cuda')}"
+            + (f", resuming at step {state.step}" if state.step else ""),
+            flush=True,
+        )
+    started = time.time()
+    start_step = state.step
+    while state.step < total_steps:
+        accumulation = accumulation_steps(config, world_size)
+        result = train_step(
+            engine,
+            [next(batches) for _ in range(accumulation)],
+            int(step_tokens[state.step]),
+            world_size,
+            device,
+        )
+        state.step += 1
+        metrics = reduce_metrics(result, engine, world_size, device)
+        state.samples_seen += metrics.samples
+        state.loss_first = metrics.loss if state.loss_first is None else state.loss_first
+        state.loss_last = metrics.loss
+        if rank == 0 and (state.step % config.train.log_every_steps == 0 or state.step == total_steps):
+            elapsed = time.time() - started
+            eta = elapsed / (state.step - start_step) * (total_steps - state.step)
+            print(format_progress(state.step, total_steps, metrics, eta), flush=True)
+        every = config.checkpoint.every_n_steps
+        if state.step < total_steps and every and state.step % every == 0:
+            save_checkpoint(engine, state, rank, metrics)
+        else:
+            ray.train.report(metrics.as_dict(state.step))
+        maybe_inject_fault(config, rank, state.step)
+    save_checkpoint(engine, state, rank, metrics, final=True)
+    save_final_model(engine, model, tokenizer, config, rank)
+
+
+def setup_engine(
+    config: LlavaRayConfig, world_size: int, device: torch.device, total_steps: int
+) -> tuple[Any, LlavaModel, Any]:
+    """Build the model (weights loaded before any sharding), optimizer, schedule and DeepSpeed engine."""
+    import deepspeed
+
+    seed_everything(config.run.seed)
+    tokenizer = load_tokenizer(config.model)
+    model = build_llava_model(config.model, tokenizer, seed=config.run.seed)
+    model.template = config.data.template
+    set_trainable(model, config.train.trainable, config.train.freeze_vision_tower, config.train.lora)
+    if config.train.gradient_checkpointing:
+        model.enable_activation_checkpointing()
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config, total_steps)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(config, world_size, device.type == "cuda"),
+        dist_init_required=False,
+    )
+    return engine, model, tokenizer
+
+
+def micro_batches(
+    config: LlavaRayConfig, rank: int, pad_id: int, model: LlavaModel, skip_steps: int, world_size: int
+) -> Iterator[dict[str, Any]]:
+    """This rank's micro-batches in schedule order, resuming after ``skip_steps`` optimizer steps.
+
+    The rank's dataset is sorted by ``seq`` (its position in the schedule); a row arriving out of
+    order would silently change what trains, so it is an error.
+    """
+    shard = ray.train.get_dataset_shard(f"rank{rank}")
+    micro = config.train.micro_batch_size
+    per_step = micro * accumulation_steps(config, world_size)
+    expected = skip_steps * per_step
+    image_size = model.vision_tower.config.image_size
+    for columns in shard.iter_batches(batch_size=micro, batch_format="numpy", prefetch_batches=2):
+        seq = columns["seq"]
+        if seq[0] < skip_steps * per_step:
+            continue  # resuming: these steps were trained before the restart
+        if list(seq) != list(range(expected, expected + len(seq))):
+            raise RuntimeError(f"rank {rank} received rows {list(seq)[:4]}... but expected {expected}...")
+        expected += len(seq)
+        yield collate_rows(rows_from_columns(columns), pad_id, image_size)
+
+
+def reduce_metrics(result: StepResult, engine: Any, world_size: int, device: torch.device) -> StepMetrics:
+    """Sum the step's counts over ranks (one small all-reduce) into global metrics."""
+    values = torch.tensor(
+        [result.loss_sum, result.samples, result.tokens, result.padded_tokens, result.supervised],
+        dtype=torch.float64,
+        device=device,
+    )
+    if world_size > 1:
+        dist.all_reduce(values)
+    loss, samples, tokens, padded, supervised = values.tolist()
+    learning_rates = [group["lr"] for group in engine.optimizer.param_groups]
+    return StepMetrics(
+        loss=loss,
+        learning_rate=learning_rates[0],
+        projector_learning_rate=learning_rates[-1],
+        grad_norm=result.grad_norm,
+        samples=int(samples),
+        tokens=int(tokens),
+        supervised_tokens=int(supervised),
+        padding_fraction=1 - tokens / max(padded, 1),
+        seconds=result.seconds,
+        peak_memory_gib=peak_memory_gib(device),
+        world_size=world_size,
+    )
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch RNG states as tensors and plain values (loadable with weights_only)."""
+    version, keys, position, has_gauss, cached = np.random.get_state()
+    python_version, python_state, python_gauss = random.getstate()
+    return {
+        "python": [python_version, torch.tensor(python_state, dtype=torch.int64), python_gauss],
+        "numpy": [version, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    python_version, python_state, python_gauss = state["python"]
+    random.setstate((python_version, tuple(python_state.tolist()), python_gauss))
+    version, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((version, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    engine: Any, state: TrainState, rank: int, metrics: StepMetrics, final: bool = False
+) -> None:
+    """Every rank writes its ZeRO shard and RNG state; Ray merges them into one checkpoint.
+
+    Ray registers the checkpoint only once every rank has reported it, so a checkpoint that a
+    crash interrupted is never the one a restart resumes from.
+    """
+    with tempfile.TemporaryDirectory(prefix="llava-ray-ckpt-") as directory:
+        engine.save_checkpoint(directory, tag=CHECKPOINT_TAG)
+        torch.save(rng_state(), Path(directory) / f"rng_rank{rank}.pt")
+        if rank == 0:
+            (Path(directory) / STATE_FILE).write_text(json.dumps(asdict(state)))
+        ray.train.report(
+            {**metrics.as_dict(state.step), "final": final},
+            checkpoint=ray.train.Checkpoint.from_directory(directory),
+        )
+
+
+def restore_checkpoint(engine: Any, rank: int) -> TrainState:
+    """Resume from the latest complete checkpoint of this run, if there is one."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return TrainState()
+    with checkpoint.as_directory() as directory:
+        engine.load_checkpoint(directory, tag=CHECKPOINT_TAG, load_module_strict=False)
+        set_rng_state(torch.load(Path(directory) / f"rng_rank{rank}.pt", weights_only=True))
+        state = TrainState(**json.loads((Path(directory) / STATE_FILE).read_text()))
+    if rank == 0:
+        print(f"[train] restored checkpoint at step {state.step}", flush=True)
+    return state

@@ -1,0 +1,186 @@
+"""The driver side of a stage job: schedule the data, launch Ray Train, return the result.
+
+``run_train(config)`` reads the prepared shards' light columns (length, modality, supervised
+count) to build the global schedule (:mod:`llava_ray.training.batching`), gives each worker rank
+its own Ray Data dataset holding exactly its rows sorted by schedule position, and runs
+:func:`llava_ray.training.loop.train_loop_per_worker` on a ``TorchTrainer``. Rerunning with the
+same ``run.name`` and ``run.storage_path`` resumes from the latest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import ray
+import ray.data
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from llava_ray.config.loader import ConfigError
+from llava_ray.config.schema import LlavaRayConfig
+from llava_ray.training.batching import Schedule, build_schedule
+from llava_ray.training.final import final_model_uri
+from llava_ray.training.loop import train_loop_per_worker
+from llava_ray.utils.storage import filesystem, is_remote
+
+INDEX_COLUMNS = ["row", "length", "modality", "num_supervised"]
+SORT_RANGE_ROWS = 2048  # rows per sorted output block of a rank's dataset
+
+
+@dataclass
+class TrainResult:
+    run_name: str
+    steps: int
+    final_model: str
+    metrics: dict[str, Any]
+    checkpoint: str | None
+    dropped_per_epoch: int
+
+
+def train_problems(config: LlavaRayConfig) -> list[str]:
+    """Problems a stage job can see before starting anything."""
+    problems = []
+    prepared = config.data.prepared_path
+    if not prepared:
+        problems.append("data.prepared_path is not set; run `llava-ray prepare` and point it at the output")
+    else:
+        fs, path = filesystem(prepared)
+        if not fs.exists(f"{path.rstrip('/')}/report.json"):
+            problems.append(
+                f"data.prepared_path = {prepared!r} holds no prepared data (no report.json); "
+                "run `llava-ray prepare --config ...` first"
+            )
+    if config.train.stage == "finetune" and not (config.model.init_from or config.model.projector_weights):
+        problems.append(
+            "train.stage='finetune' without model.init_from or model.projector_weights: stage 2 starts from "
+            "stage 1's projector; set model.init_from to the pretrain run's final folder"
+        )
+    return problems
+
+
+def ray_storage(storage_path: str) -> tuple[str, Any]:
+    """Ray Train's storage path and file system; a custom S3 endpoint needs an explicit fsspec bridge."""
+    if not is_remote(storage_path):
+        return str(Path(storage_path).resolve()), None
+    if storage_path.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
+        import pyarrow.fs
+        import s3fs
+
+        handler = pyarrow.fs.FSSpecHandler(s3fs.S3FileSystem(endpoint_url=os.environ["AWS_ENDPOINT_URL"]))
+        return storage_path.removeprefix("s3://"), pyarrow.fs.PyFileSystem(handler)
+    return storage_path, None
+
+
+def read_prepared_dataset(path: str) -> ray.data.Dataset:
+    fs, root = filesystem(path)
+    return ray.data.read_parquet(root, filesystem=fs, file_extensions=["parquet"])
+
+
+def schedule_for(config: LlavaRayConfig, index: pd.DataFrame) -> Schedule:
+    """The run's schedule; rows are addressed by their position in ``index``."""
+    return build_schedule(
+        index["length"].to_numpy(),
+        (index["modality"] == "image").to_numpy(),
+        index["num_supervised"].to_numpy(),
+        global_batch_size=config.train.global_batch_size,
+        micro_batch_size=config.train.micro_batch_size,
+        world_size=config.scaling.num_workers,
+        epochs=config.train.epochs,
+        seed=config.run.seed,
+        group_by_modality_length=config.train.group_by_modality_length,
+        max_steps=config.train.max_steps,
+    )
+
+
+def assignments(index: pd.DataFrame, schedule: Schedule) -> pd.DataFrame:
+    """One line per scheduled read: the prepared ``row`` key, the reading rank and its position there."""
+    frames = []
+    for rank in range(schedule.order.shape[1]):
+        positions = schedule.rank_rows(rank)
+        frames.append(
+            pd.DataFrame(
+                {"row": index["row"].to_numpy()[positions], "rank": rank, "seq": np.arange(len(positions))}
+            )
+        )
+    return pd.concat(frames, ignore_index=True)
+
+
+def _attach_schedule(batch: pd.DataFrame, rank_plan: pd.DataFrame) -> pd.DataFrame:
+    return batch.merge(rank_plan, on="row", how="inner")
+
+
+def rank_datasets(
+    dataset: ray.data.Dataset, plan: pd.DataFrame, world_size: int
+) -> dict[str, ray.data.Dataset]:
+    """``rank{r}``: rank r's rows (repeated where the schedule repeats them) sorted by position.
+
+    Positions are known (0..n-1), so the sort gets fixed range boundaries and skips sampling.
+    """
+    rows_per_rank = int((plan["rank"] == 0).sum())
+    boundaries = list(range(SORT_RANGE_ROWS, rows_per_rank, SORT_RANGE_ROWS))
+    return {
+        f"rank{rank}": dataset.map_batches(
+            _attach_schedule, batch_format="pandas", fn_args=(plan.loc[plan["rank"] == rank, ["row", "seq"]],)
+        ).sort("seq", boundaries=boundaries or None)
+        for rank in range(world_size)
+    }
+
+
+def run_train(config: LlavaRayConfig) -> TrainResult:
+    """Train one stage on Ray Train; returns where the final model went and the last metrics."""
+    problems = train_problems(config)
+    if problems:
+        raise ConfigError(problems)
+    if not ray.is_initialized():
+        ray.init()
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    context.enable_progress_bars = False  # per-worker bars flood job logs; the progress line says it all
+    dataset = read_prepared_dataset(config.data.prepared_path)
+    index = dataset.select_columns(INDEX_COLUMNS).to_pandas().sort_values("row", ignore_index=True)
+    schedule = schedule_for(config, index)
+    world_size = config.scaling.num_workers
+    print(
+        f"[train] {len(index)} prepared samples -> {schedule.steps} steps of {config.train.global_batch_size} "
+        f"({schedule.dropped_per_epoch} per epoch left out of incomplete global batches)",
+        flush=True,
+    )
+    storage_path, storage_filesystem = ray_storage(config.run.storage_path)
+    use_gpu = config.scaling.use_gpu
+    if use_gpu == "auto":
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config.model_dump(mode="json"), "step_tokens": schedule.step_tokens},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=world_size,
+            use_gpu=use_gpu,
+            resources_per_worker={
+                "CPU": config.scaling.cpus_per_worker,
+                **config.scaling.resources_per_worker,
+            },
+        ),
+        run_config=ray.train.RunConfig(
+            name=config.run.name,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            failure_config=ray.train.FailureConfig(max_failures=config.scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.keep_last),
+        ),
+        datasets=rank_datasets(dataset, assignments(index, schedule), world_size),
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+    )
+    result = trainer.fit()
+    return TrainResult(
+        run_name=config.run.name,
+        steps=schedule.steps,
+        final_model=final_model_uri(config),
+        metrics=dict(result.metrics or {}),
+        checkpoint=result.checkpoint.path if result.checkpoint else None,
+        dropped_per_epoch=schedule.dropped_per_epoch,
+    )
