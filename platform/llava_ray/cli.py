@@ -30,6 +30,28 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from llava_ray.pipeline import prepare_job
+
+    prepare_job(_config(args))
+    return 0
+
+
+def cmd_generate_data(args: argparse.Namespace) -> int:
+    from llava_ray.pipeline import generate_job
+
+    generate_job(_config(args))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from llava_ray.training.trainer import run_train
+
+    result = run_train(_config(args))
+    print(f"[train] {result.run_name}: {result.steps} steps, final model in {result.final_model}")
+    return 0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from llava_ray.data.synthetic import generate
 
@@ -77,6 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     _add_config_arguments(add("validate", cmd_validate, "validate a config and print it resolved"))
+    _add_config_arguments(
+        add(
+            "generate-data",
+            cmd_generate_data,
+            "generate instruction data from COCO-style annotations with an LLM",
+        )
+    )
+    _add_config_arguments(
+        add("prepare", cmd_prepare, "preprocess LLaVA data into parquet shards with Ray Data")
+    )
+    _add_config_arguments(
+        add("train", cmd_train, "train one stage (pretrain or finetune) on Ray Train + DeepSpeed")
+    )
 
     synth = add(
         "synth", cmd_synth, "write the synthetic dataset (images, LLaVA JSON, COCO-style annotations)"
@@ -103,10 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from llava_ray.tracking.mlflow_tracking import TrackingUnavailable
+
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except ConfigError as error:
+    except (ConfigError, TrackingUnavailable) as error:  # nothing was done: say why, exit 2
         print(f"error: {error}", file=sys.stderr)
         return 2
 

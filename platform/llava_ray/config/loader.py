@@ -112,7 +112,7 @@ def validate_config(
     try:
         config = LlavaRayConfig.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError([*problems, *(_describe(e) for e in error.errors())], source) from None
+        raise ConfigError([*problems, *(describe_error(e) for e in error.errors())], source) from None
     problems += cross_section_problems(config)
     if problems:
         raise ConfigError(problems, source)
@@ -146,7 +146,7 @@ def flatten_config(config: LlavaRayConfig) -> dict[str, Any]:
     return flat
 
 
-def _describe(error: dict[str, Any]) -> str:
+def describe_error(error: dict[str, Any]) -> str:
     """One line for one pydantic error: the dotted key, the value and the fix."""
     loc = [str(part) for part in error["loc"]]
     key = ".".join(loc) or "<root>"

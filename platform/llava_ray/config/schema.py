@@ -14,6 +14,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from llava_ray.config.evaluation import EvaluateConfig
+from llava_ray.config.generation import GenerateConfig
+
 PROJECTOR_PATTERN = re.compile(r"^(linear|identity|mlp([1-9][0-9]*)x_gelu)$")
 TEMPLATES = ("plain", "vicuna_v1", "llava_v1", "llava_llama_2", "chatml", "tokenizer")
 PRESETS = ("tiny", "llava-1.5-7b", "llava-1.5-13b")
@@ -272,6 +275,10 @@ class LlavaRayConfig(Section):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig, description="Ray Train workers.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
     fault: FaultConfig = Field(default_factory=FaultConfig, description="Failure rehearsal.")
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Evaluation and benchmarks.")
+    generate: GenerateConfig = Field(
+        default_factory=GenerateConfig, description="Instruction-data generation."
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -111,7 +111,7 @@ def build_schedule(
             f"{len(lengths)} samples do not fill one global batch of {global_batch_size}; "
             "lower train.global_batch_size or add data"
         )
-    total = max_steps if max_steps is not None else int(round(epochs * steps_per_epoch))
+    total = max_steps if max_steps is not None else round(epochs * steps_per_epoch)
     orders, dropped = [], 0
     epoch = 0
     while sum(len(o) for o in orders) < total:

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from llava_ray.config.schema import LlavaRayConfig
 from llava_ray.model.llava import LlavaModel, build_llava_model, set_trainable
 from llava_ray.model.presets import load_tokenizer
+from llava_ray.tracking.mlflow_tracking import Tracker
 from llava_ray.training.collate import collate_rows, rows_from_columns
 from llava_ray.training.engine import (
     accumulation_steps,
@@ -33,7 +34,7 @@ from llava_ray.training.engine import (
     resolve_precision,
 )
 from llava_ray.training.final import save_final_model
-from llava_ray.training.metrics import StepMetrics, format_progress
+from llava_ray.training.metrics import FlopsModel, StepMetrics, format_progress, peak_flops
 from llava_ray.training.step import StepResult, train_step
 from llava_ray.utils.faults import maybe_inject_fault
 
@@ -49,6 +50,7 @@ class TrainState:
     samples_seen: int = 0
     loss_first: float | None = None
     loss_last: float | None = None
+    resumed_from_step: int | None = None
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -59,6 +61,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
 
+    tracker = Tracker(
+        loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id") if rank == 0 else None
+    )
     engine, model, tokenizer = setup_engine(config, world_size, device, total_steps)
     state = restore_checkpoint(engine, rank)
     batches = micro_batches(
@@ -72,6 +77,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             + (f", resuming at step {state.step}" if state.step else ""),
             flush=True,
         )
+    flops = FlopsModel.of(model)
     started = time.time()
     start_step = state.step
     while state.step < total_steps:
@@ -85,9 +91,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )
         state.step += 1
         metrics = reduce_metrics(result, engine, world_size, device)
+        if device.type == "cuda":
+            metrics.mfu = (
+                flops.step_flops(metrics.tokens, metrics.image_positions)
+                / metrics.seconds
+                / peak_flops(world_size)
+            )
         state.samples_seen += metrics.samples
         state.loss_first = metrics.loss if state.loss_first is None else state.loss_first
         state.loss_last = metrics.loss
+        tracker.log_metrics(metrics.as_dict(state.step), step=state.step)  # a no-op off rank 0
         if rank == 0 and (state.step % config.train.log_every_steps == 0 or state.step == total_steps):
             elapsed = time.time() - started
             eta = elapsed / (state.step - start_step) * (total_steps - state.step)
@@ -153,13 +166,20 @@ def micro_batches(
 def reduce_metrics(result: StepResult, engine: Any, world_size: int, device: torch.device) -> StepMetrics:
     """Sum the step's counts over ranks (one small all-reduce) into global metrics."""
     values = torch.tensor(
-        [result.loss_sum, result.samples, result.tokens, result.padded_tokens, result.supervised],
+        [
+            result.loss_sum,
+            result.samples,
+            result.tokens,
+            result.padded_tokens,
+            result.supervised,
+            result.image_positions,
+        ],
         dtype=torch.float64,
         device=device,
     )
     if world_size > 1:
         dist.all_reduce(values)
-    loss, samples, tokens, padded, supervised = values.tolist()
+    loss, samples, tokens, padded, supervised, image_positions = values.tolist()
     learning_rates = [group["lr"] for group in engine.optimizer.param_groups]
     return StepMetrics(
         loss=loss,
@@ -173,6 +193,7 @@ def reduce_metrics(result: StepResult, engine: Any, world_size: int, device: tor
         seconds=result.seconds,
         peak_memory_gib=peak_memory_gib(device),
         world_size=world_size,
+        image_positions=int(image_positions),
     )
 
 
@@ -225,8 +246,13 @@ def save_checkpoint(
         torch.save(rng_state(), Path(directory) / f"rng_rank{rank}.pt")
         if rank == 0:
             (Path(directory) / STATE_FILE).write_text(json.dumps(asdict(state)))
+        summary = {
+            "loss_first": state.loss_first,
+            "loss_last": state.loss_last,
+            "resumed_from_step": state.resumed_from_step,
+        }
         ray.train.report(
-            {**metrics.as_dict(state.step), "final": final},
+            {**metrics.as_dict(state.step), **summary, "final": final},
             checkpoint=ray.train.Checkpoint.from_directory(directory),
         )
 
@@ -240,6 +266,7 @@ def restore_checkpoint(engine: Any, rank: int) -> TrainState:
         engine.load_checkpoint(directory, tag=CHECKPOINT_TAG, load_module_strict=False)
         set_rng_state(torch.load(Path(directory) / f"rng_rank{rank}.pt", weights_only=True))
         state = TrainState(**json.loads((Path(directory) / STATE_FILE).read_text()))
+    state.resumed_from_step = state.step
     if rank == 0:
         print(f"[train] restored checkpoint at step {state.step}", flush=True)
     return state

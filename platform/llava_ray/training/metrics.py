@@ -3,8 +3,51 @@
 from __future__ import annotations
 
 import datetime
+import os
 from dataclasses import dataclass
 from typing import Any
+
+from torch import nn
+
+# Dense bf16 peak of one H100 SXM; set LLAVA_RAY_PEAK_TFLOPS for other accelerators (A100: 312).
+DEFAULT_PEAK_TFLOPS = 989.0
+
+
+@dataclass(frozen=True)
+class FlopsModel:
+    """Training FLOPs per step from parameter counts (the usual 2N forward / 4N backward rule).
+
+    Every LM token costs a forward (2N) and, since the trainable projector sits below the LM, a
+    backward through activations (2N) whether or not the LM trains, plus weight gradients (2N)
+    for trainable LM weights. Each image position costs the vision tower's forward (2N) plus its
+    backward when it trains. Attention's quadratic term is left out, so MFU is slightly low.
+    """
+
+    lm_params: int
+    lm_trainable: int
+    vision_params: int
+    vision_trainable: int
+
+    @classmethod
+    def of(cls, model: nn.Module) -> FlopsModel:
+        def count(module: nn.Module, trainable: bool) -> int:
+            return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable)
+
+        return cls(
+            lm_params=count(model.language_model, False),
+            lm_trainable=count(model.language_model, True),
+            vision_params=count(model.vision_tower, False),
+            vision_trainable=count(model.vision_tower, True),
+        )
+
+    def step_flops(self, tokens: int, image_positions: int) -> float:
+        lm = tokens * (4 * self.lm_params + 2 * self.lm_trainable)
+        vision = image_positions * (2 * self.vision_params + 4 * self.vision_trainable)
+        return float(lm + vision)
+
+
+def peak_flops(world_size: int) -> float:
+    return float(os.environ.get("LLAVA_RAY_PEAK_TFLOPS", DEFAULT_PEAK_TFLOPS)) * 1e12 * world_size
 
 
 @dataclass
@@ -22,6 +65,7 @@ class StepMetrics:
     seconds: float
     peak_memory_gib: float
     world_size: int
+    image_positions: int = 0
     mfu: float | None = None
 
     def as_dict(self, step: int) -> dict[str, Any]:

@@ -77,6 +77,7 @@ class StepResult:
     tokens: int  # real (non-padding) tokens
     padded_tokens: int  # tokens including padding
     supervised: int
+    image_positions: int
     seconds: float
     grad_norm: float | None
 
@@ -96,7 +97,7 @@ def train_step(
     started = time.perf_counter()
     scale = world_size * len(micro_batches) / max(int(step_tokens), 1)
     loss_sum = 0.0
-    samples = tokens = padded = supervised = 0
+    samples = tokens = padded = supervised = image_positions = 0
     for batch in micro_batches:
         output = engine(**move_inputs(batch, device), loss_reduction="sum")
         engine.backward(output.loss * scale)
@@ -106,12 +107,15 @@ def train_step(
         tokens += int(batch["num_tokens"])
         padded += int(batch["input_ids"].numel())
         supervised += int(output.num_supervised_tokens)
+        if "pixel_values" in batch:
+            image_positions += int(batch["pixel_values"].shape[0]) * engine.module.image_positions
     return StepResult(
         loss_sum=loss_sum,
         samples=samples,
         tokens=tokens,
         padded_tokens=padded,
         supervised=supervised,
+        image_positions=image_positions,
         seconds=time.perf_counter() - started,
         grad_norm=_grad_norm(engine),
     )

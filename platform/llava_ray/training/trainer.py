@@ -23,8 +23,10 @@ from ray.train.torch import TorchTrainer
 
 from llava_ray.config.loader import ConfigError
 from llava_ray.config.schema import LlavaRayConfig
+from llava_ray.data.prepare import load_report
+from llava_ray.tracking.mlflow_tracking import Tracker, tracked_run
 from llava_ray.training.batching import Schedule, build_schedule
-from llava_ray.training.final import final_model_uri
+from llava_ray.training.final import HF_DIR, final_model_uri
 from llava_ray.training.loop import train_loop_per_worker
 from llava_ray.utils.storage import filesystem, is_remote
 
@@ -131,11 +133,24 @@ def rank_datasets(
     }
 
 
-def run_train(config: LlavaRayConfig) -> TrainResult:
-    """Train one stage on Ray Train; returns where the final model went and the last metrics."""
+def run_train(config: LlavaRayConfig, parent_run_id: str | None = None) -> TrainResult:
+    """Train one stage on Ray Train, tracked as one MLflow run (a child of ``parent_run_id``)."""
     problems = train_problems(config)
     if problems:
         raise ConfigError(problems)
+    with tracked_run(config, "train", parent_run_id, run_name=config.run.name) as tracker:
+        tracker.log_dict(load_report(config.data.prepared_path), "data_report.json")
+        result = _fit(config, tracker)
+        tracker.log_loss_curve()
+        tracker.set_tags({"llava_ray.final_model": result.final_model})
+        if not is_remote(result.final_model):
+            hf_export = Path(result.final_model) / HF_DIR
+            model_dir = hf_export if hf_export.exists() else Path(result.final_model)
+            tracker.log_model_dir(config, model_dir, result.final_model)
+        return result
+
+
+def _fit(config: LlavaRayConfig, tracker: Tracker) -> TrainResult:
     if not ray.is_initialized():
         ray.init()
     context = ray.data.DataContext.get_current()
@@ -156,7 +171,12 @@ def run_train(config: LlavaRayConfig) -> TrainResult:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.model_dump(mode="json"), "step_tokens": schedule.step_tokens},
+        train_loop_config={
+            "config": config.model_dump(mode="json"),
+            "step_tokens": schedule.step_tokens,
+            "tracking_uri": tracker.uri,
+            "mlflow_run_id": tracker.run_id,
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=world_size,
             use_gpu=use_gpu,

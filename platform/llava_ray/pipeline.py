@@ -1,0 +1,111 @@
+"""The LLaVA recipe as one job: prepare -> pretrain -> finetune (-> evaluate), one MLflow parent run.
+
+Each stage is an ordinary llava-ray job (the same code ``llava-ray prepare`` and ``llava-ray
+train`` run) tracked as a child of the pipeline's run. Stage 2 starts from stage 1's final
+model. Used by ``jobs/pipeline.py`` and by the demo.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from llava_ray.config.schema import LlavaRayConfig
+from llava_ray.data.prepare import load_report, run_prepare
+from llava_ray.tracking.mlflow_tracking import tracked_run
+from llava_ray.training.trainer import TrainResult, run_train
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    seconds: float
+    result: Any
+
+
+@dataclass
+class PipelineResult:
+    parent_run_id: str | None
+    stages: list[StageOutcome] = field(default_factory=list)
+
+    def stage(self, name: str) -> StageOutcome:
+        return next(stage for stage in self.stages if stage.name == name)
+
+
+def prepare_job(
+    config: LlavaRayConfig, parent_run_id: str | None = None, reuse: bool = False
+) -> dict[str, Any]:
+    """Run (or, with ``reuse``, reuse a finished) prepare, tracked as an MLflow run."""
+    with tracked_run(config, "prepare", parent_run_id, run_name=f"{config.run.name}-prepare") as tracker:
+        report = None
+        if reuse:
+            try:
+                report = load_report(config.data.prepared_path)
+                print(f"[prepare] reusing prepared data at {config.data.prepared_path}", flush=True)
+            except FileNotFoundError:
+                report = None
+        reused = report is not None
+        if report is None:
+            report = run_prepare(config)
+        tracker.log_dict(report, "data_report.json")
+        tracker.log_metrics(
+            {
+                "input": report["input"],
+                "written": report["written"],
+                **{f"skipped.{reason}": count for reason, count in report["skipped"].items()},
+            }
+        )
+        tracker.set_tags({"llava_ray.reused_prepared_data": str(reused)})
+        return report
+
+
+def generate_job(config: LlavaRayConfig, parent_run_id: str | None = None) -> dict[str, Any]:
+    """Instruction-data generation (``config.generate``), tracked as an MLflow run."""
+    from llava_ray.generation import run_generate
+
+    with tracked_run(
+        config, "generate-data", parent_run_id, run_name=f"{config.run.name}-generate"
+    ) as tracker:
+        report = run_generate(config.generate, seed=config.run.seed)
+        tracker.log_dict(report, "generation_report.json")
+        tracker.log_metrics(
+            {
+                "input": report["input"],
+                "written": report["written"],
+                **{f"skipped.{reason}": count for reason, count in report["skipped"].items()},
+            }
+        )
+        return report
+
+
+def run_pipeline(
+    pretrain: LlavaRayConfig,
+    finetune: LlavaRayConfig,
+    name: str = "pipeline",
+    reuse_prepared: bool = False,
+    evaluate: Callable[[str, str | None], Any] | None = None,
+) -> PipelineResult:
+    """Prepare both stages' data, train stage 1, train stage 2 from it, then ``evaluate(model, parent)``."""
+    with tracked_run(pretrain, "pipeline", run_name=name) as parent:
+        outcome = PipelineResult(parent.run_id)
+
+        def timed(stage: str, action: Callable[[], Any]) -> Any:
+            started = time.time()
+            print(f"[pipeline] {stage} ...", flush=True)
+            result = action()
+            outcome.stages.append(StageOutcome(stage, time.time() - started, result))
+            return result
+
+        for stage_name, config in (("prepare-pretrain", pretrain), ("prepare-finetune", finetune)):
+            timed(stage_name, lambda c=config: prepare_job(c, parent.run_id, reuse=reuse_prepared))
+        stage1: TrainResult = timed("pretrain", lambda: run_train(pretrain, parent.run_id))
+        finetune = finetune.model_copy(
+            update={"model": finetune.model.model_copy(update={"init_from": stage1.final_model})}
+        )
+        stage2: TrainResult = timed("finetune", lambda: run_train(finetune, parent.run_id))
+        if evaluate is not None:
+            timed("evaluate", lambda: evaluate(stage2.final_model, parent.run_id))
+        parent.set_tags({"llava_ray.final_model": stage2.final_model})
+        return outcome
