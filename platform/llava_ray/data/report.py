@@ -171,10 +171,12 @@ def finish_report(
     return report
 
 
-def check_balance(report: Mapping[str, Any]) -> None:
-    """``input == written + sum(skipped)`` for the total and every source, or raise."""
+def check_balance(
+    report: Mapping[str, Any], parts: str = "sources", job: str = "prepare", unit: str = "samples"
+) -> None:
+    """``input == written + sum(skipped)`` for the total and every entry of ``report[parts]``, or raise."""
     problems = []
-    for name, numbers in [("total", report), *report["sources"].items()]:
+    for name, numbers in [("total", report), *report[parts].items()]:
         accounted = numbers["written"] + sum(numbers["skipped"].values())
         if numbers["input"] != accounted:
             problems.append(
@@ -183,7 +185,7 @@ def check_balance(report: Mapping[str, Any]) -> None:
             )
     if problems:
         raise ReportImbalanceError(
-            "prepare report does not balance, samples vanished (a bug, please report it): "
+            f"{job} report does not balance, {unit} vanished (a bug, please report it): "
             + "; ".join(problems)
         )
 

@@ -50,7 +50,7 @@ import ray
 
 from llava_ray.config.generation import GenerateConfig
 from llava_ray.config.loader import ConfigError
-from llava_ray.data.report import MAX_EXAMPLES, ReportImbalanceError
+from llava_ray.data.report import MAX_EXAMPLES, check_balance
 from llava_ray.generation.client import ClientSettings
 from llava_ray.generation.context import AnnotationError, ImageAnnotations, build_context, load_coco
 from llava_ray.generation.journal import JOURNAL_SUFFIX, Journal
@@ -138,7 +138,7 @@ def run_generate(config: GenerateConfig, seed: int = 0) -> dict[str, Any]:
         "journal": str(journal.path),
         "elapsed_s": round(time.perf_counter() - started, 3),
     }
-    check_generate_balance(report)
+    check_balance(report, parts="by_type", job="generate", unit="requests")
     _write_json_atomically(output, samples)
     _write_json_atomically(output.parent / REPORT_FILE, report)
     print(f"{format_generate_summary(report)} -> {output}", flush=True)
@@ -234,23 +234,6 @@ def actor_plan(config: GenerateConfig, requests: int, seed: int) -> ActorPlan:
         num_cpus=ENDPOINT_ACTOR_CPUS,
         num_gpus=0,
     )
-
-
-def check_generate_balance(report: dict[str, Any]) -> None:
-    """``input == written + sum(skipped)`` overall and per type, or raise."""
-    problems = []
-    for name, numbers in [("total", report), *report["by_type"].items()]:
-        accounted = numbers["written"] + sum(numbers["skipped"].values())
-        if numbers["input"] != accounted:
-            problems.append(
-                f"{name}: input {numbers['input']} != written {numbers['written']} + skipped "
-                f"{sum(numbers['skipped'].values())}"
-            )
-    if problems:
-        raise ReportImbalanceError(
-            "generate report does not balance, requests vanished (a bug, please report it): "
-            + "; ".join(problems)
-        )
 
 
 def format_generate_summary(report: dict[str, Any]) -> str:
