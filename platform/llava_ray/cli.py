@@ -52,6 +52,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from llava_ray.evaluation import run_evaluate
+
+    config = _config(args)
+    run_evaluate(config.evaluate, config)
+    return 0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from llava_ray.data.synthetic import generate
 
@@ -113,6 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
         add("train", cmd_train, "train one stage (pretrain or finetune) on Ray Train + DeepSpeed")
     )
 
+    _add_config_arguments(
+        add(
+            "evaluate",
+            cmd_evaluate,
+            "evaluate a model: synthetic exact match, ScienceQA, LLM-judged LLaVA-Bench",
+        )
+    )
+    # `chat` has its own parser (llava_ray.evaluation.chat); listed here for --help.
+    commands.add_parser("chat", help="chat with a model in the terminal: chat --model DIR [--image PATH]")
+
     synth = add(
         "synth", cmd_synth, "write the synthetic dataset (images, LLaVA JSON, COCO-style annotations)"
     )
@@ -140,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from llava_ray.tracking.mlflow_tracking import TrackingUnavailable
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["chat"]:
+        from llava_ray.evaluation import chat_main
+
+        return chat_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
