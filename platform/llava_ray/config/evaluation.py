@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field
+
+from llava_ray.config.endpoint import EndpointConfig
 
 Benchmark = Literal["synthetic", "scienceqa", "llava_bench"]
 BENCHMARKS: tuple[Benchmark, ...] = ("synthetic", "scienceqa", "llava_bench")
@@ -18,36 +20,11 @@ BENCHMARKS: tuple[Benchmark, ...] = ("synthetic", "scienceqa", "llava_bench")
 DEFAULT_MAX_NEW_TOKENS: dict[str, int] = {"synthetic": 16, "scienceqa": 128, "llava_bench": 1024}
 
 
-class JudgeConfig(BaseModel):
+class JudgeConfig(EndpointConfig):
     """The LLM judge of ``llava_bench``: any OpenAI-compatible chat-completions endpoint."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    base_url: str | None = Field(
-        None, description="API root such as http://host:8000/v1 (default: $OPENAI_BASE_URL, else OpenAI's)."
-    )
-    model: str | None = Field(None, description="Judge model name sent to the endpoint (LLaVA used GPT-4).")
-    api_key: SecretStr | None = Field(
-        None, description="API key (default: $OPENAI_API_KEY); never printed or logged."
-    )
     temperature: float = Field(0.2, ge=0, le=2, description="Judge sampling temperature (LLaVA: 0.2).")
-    max_tokens: int = Field(1024, gt=0, description="Most tokens per review.")
     max_concurrency: int = Field(4, gt=0, description="Review requests in flight at once.")
-    max_retries: int = Field(
-        5, ge=0, description="Retries on 429, 5xx, timeouts and connection errors, after the first try."
-    )
-    request_timeout_s: float = Field(120.0, gt=0, description="Timeout of one HTTP request attempt.")
-    backoff_initial_s: float = Field(
-        1.0, ge=0, description="First retry wait; doubles each retry, with jitter (Retry-After wins)."
-    )
-    backoff_max_s: float = Field(60.0, ge=0, description="Longest wait between two attempts.")
-
-    @field_validator("base_url")
-    @classmethod
-    def _http_url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("http://", "https://")):
-            raise ValueError("use an http:// or https:// URL such as http://127.0.0.1:8000/v1")
-        return value
 
 
 class EvaluateConfig(BaseModel):

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import Field, field_validator
+
+from llava_ray.config.endpoint import EndpointConfig
 
 ResponseType = Literal["conversation", "detail", "complex"]
 RESPONSE_TYPES: tuple[ResponseType, ...] = ("conversation", "detail", "complex")
 
 
-class GenerateConfig(BaseModel):
+class GenerateConfig(EndpointConfig):
     """LLaVA-Instruct-style data generation (conversation, detailed description, complex reasoning)."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     annotations_path: str | None = Field(
         None, description="COCO instances file (images, categories, pixel boxes), local or s3://."
@@ -46,24 +46,7 @@ class GenerateConfig(BaseModel):
     backend: Literal["openai", "hf"] = Field(
         "openai", description="openai: any OpenAI-compatible endpoint; hf: a local causal LM on Ray actors."
     )
-    base_url: str | None = Field(
-        None,
-        description="API root such as http://host:8000/v1 (default: $OPENAI_BASE_URL, else OpenAI's).",
-    )
-    model: str | None = Field(None, description="Model name sent to the endpoint (backend openai).")
-    api_key: SecretStr | None = Field(
-        None, description="API key (default: $OPENAI_API_KEY); never printed or logged."
-    )
     temperature: float = Field(0.7, ge=0, le=2, description="Sampling temperature (0: greedy).")
-    max_tokens: int = Field(1024, gt=0, description="Most tokens per reply; longer replies are skipped.")
-    request_timeout_s: float = Field(120.0, gt=0, description="Timeout of one HTTP request attempt.")
-    max_retries: int = Field(
-        5, ge=0, description="Retries on 429, 5xx, timeouts and connection errors, after the first try."
-    )
-    backoff_initial_s: float = Field(
-        1.0, ge=0, description="First retry wait; doubles each retry, with jitter (Retry-After wins)."
-    )
-    backoff_max_s: float = Field(60.0, ge=0, description="Longest wait between two attempts.")
     max_concurrency: int = Field(8, gt=0, description="Requests in flight at once, over all actors.")
     requests_per_second: float | None = Field(
         None, gt=0, description="Request rate limit over all actors, retries included (None: no limit)."
@@ -95,11 +78,4 @@ class GenerateConfig(BaseModel):
             raise ValueError(f"name at least one response type of {list(RESPONSE_TYPES)}")
         if len(set(value)) != len(value):
             raise ValueError("each response type may appear once; remove the repeated one")
-        return value
-
-    @field_validator("base_url")
-    @classmethod
-    def _http_url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("http://", "https://")):
-            raise ValueError("use an http:// or https:// URL such as http://127.0.0.1:8000/v1")
         return value
