@@ -34,6 +34,7 @@ LOCAL_SH = REPO / "cluster" / "local.sh"
 VENV = Path(sys.prefix)
 START_TIMEOUT_S = 150
 JOB_TIMEOUT_S = 240
+TRAIN_JOB_TIMEOUT_S = 900
 
 
 @dataclass
@@ -261,6 +262,77 @@ def test_runtime_env_yaml_ships_the_submitted_package(head: LocalHead, tmp_path:
         assert seen[f"{side}_file"] == os.path.join(cwd, "platform", "llava_ray", "__init__.py"), seen
     assert seen["has_jobs"] and not seen["has_venv"], seen
     assert seen["mlflow_uri"] == runtime_env["env_vars"]["MLFLOW_TRACKING_URI"]
+
+
+def submit_job(head: LocalHead, script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``ray job submit --working-dir <repo> -- python jobs/<script> ...``; returns without asserting."""
+    return subprocess.run(
+        [
+            "ray",
+            "job",
+            "submit",
+            "--address",
+            head.address,
+            "--working-dir",
+            str(REPO),
+            "--",
+            "python",
+            f"jobs/{script}",
+            *args,
+        ],
+        cwd=REPO,
+        env=head.env,
+        capture_output=True,
+        text=True,
+        timeout=TRAIN_JOB_TIMEOUT_S,
+        check=False,
+    )
+
+
+def test_submitted_tiny_pretrain_job_trains_checkpoints_and_tracks(head: LocalHead, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from llava_ray.data.synthetic import generate
+
+    generate(tmp_path / "data", samples=24, seed=0)
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = [
+        f"data.sources.0.path={tmp_path / 'data' / 'stage1.json'}",
+        f"data.prepared_path={tmp_path / 'prepared'}",
+        f"run.storage_path={tmp_path / 'runs'}",
+        "run.name=submitted",
+        f"tracking.uri={tracking}",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=4",
+        "train.max_steps=4",
+        "checkpoint.every_n_steps=2",
+    ]
+    config = ["--config", "jobs/configs/tiny/pretrain.yaml", *overrides]
+    for script in ("prepare.py", "train.py"):
+        result = submit_job(head, script, *config)
+        assert result.returncode == 0, f"{script} failed:\n{result.stdout[-4000:]}\n{result.stderr[-2000:]}"
+        assert "succeeded" in (result.stdout + result.stderr).lower()
+    assert "step 4/4" in result.stdout
+    run_dir = tmp_path / "runs" / "submitted"
+    assert any(run_dir.glob("checkpoint_*/train_state.json")), list(run_dir.iterdir())
+    assert (run_dir / "final" / "model.safetensors").exists()
+    runs = MlflowClient(tracking).search_runs(
+        [e.experiment_id for e in MlflowClient(tracking).search_experiments()],
+        "attributes.run_name = 'submitted'",
+    )
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.tags.get("ray.job_submission_id", "").startswith("raysubmit_")
+    assert len(MlflowClient(tracking).get_metric_history(runs[0].info.run_id, "loss")) == 4
+
+
+def test_submitted_job_with_a_bad_config_fails_with_the_validation_message(head: LocalHead) -> None:
+    result = submit_job(
+        head, "train.py", "--config", "jobs/configs/tiny/pretrain.yaml", "train.lerning_rate=1"
+    )
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "failed" in output.lower()
+    assert "train.lerning_rate: unknown key. Did you mean 'learning_rate'?" in output
 
 
 def test_stop_leaves_nothing_running(head: LocalHead) -> None:
