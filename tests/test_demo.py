@@ -1,0 +1,54 @@
+"""The embedded demo, at a smaller size: the whole pipeline, its summary, and its MLflow runs."""
+
+import json
+
+import pytest
+from mlflow import MlflowClient
+
+from llava_ray.demo import run_demo
+
+pytestmark = pytest.mark.integration
+
+
+def test_demo_runs_the_pipeline_and_tracks_a_parent_with_children(tmp_path, ray_cluster, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the demo's own store in its work dir
+    summary = run_demo(
+        tmp_path,
+        samples=24,
+        extra=("train.max_steps=3", "train.global_batch_size=8", "train.micro_batch_size=4"),
+    )
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written == summary
+    for key in ("eval_accuracy", "eval_chance", "eval_accuracy_before_stage2", "elapsed_s"):
+        assert isinstance(summary[key], float), key
+    assert summary["eval_chance"] <= 0.25 and set(summary["eval_by_type"]) >= {
+        "color",
+        "shape",
+        "count",
+        "overall",
+    }
+    for stage in ("pretrain", "finetune"):
+        assert {"loss_first", "loss_last", "seconds"} <= set(summary["stages"][stage])
+    assert (tmp_path / "runs").exists() and any((tmp_path / "runs").glob("*/final/hf/config.json"))
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.data.tags["llava_ray.job"] == "pipeline" and parent.info.status == "FINISHED"
+    children = client.search_runs(experiments, f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    jobs = sorted(child.data.tags["llava_ray.job"] for child in children)
+    assert jobs == ["evaluate", "evaluate", "prepare", "prepare", "train", "train"], jobs
+    assert all(child.info.status == "FINISHED" for child in children)
+
+    rerun = run_demo(
+        tmp_path,
+        samples=24,
+        extra=("train.max_steps=3", "train.global_batch_size=8", "train.micro_batch_size=4"),
+    )
+    assert rerun["parent_run_id"] != summary["parent_run_id"]  # a new run, reusing the prepared data
+    reused = client.search_runs(experiments, f"tags.mlflow.parentRunId = '{rerun['parent_run_id']}'")
+    assert {
+        r.data.tags.get("llava_ray.reused_prepared_data")
+        for r in reused
+        if r.data.tags["llava_ray.job"] == "prepare"
+    } == {"True"}
