@@ -31,7 +31,15 @@ from llava_ray.data.prepare import (
     read_prepared,
     run_prepare,
 )
-from llava_ray.data.report import Skip, length_bucket
+from llava_ray.data.report import (
+    ReportBuilder,
+    ReportImbalanceError,
+    Skip,
+    Written,
+    finish_report,
+    format_summary,
+    length_bucket,
+)
 from llava_ray.data.samples import PREPARED_SCHEMA, PreparedSample, SamplePreparer
 from llava_ray.data.sources import (
     DataPathError,
@@ -374,6 +382,16 @@ def test_in_process_preparation_gives_the_same_reasons(bad_run, tmp_path: Path) 
     assert isinstance(good, PreparedSample) and good.modality == "image" and len(good.images) == 1
 
 
+def test_nothing_usable_still_reports_and_reads_back_empty(ray_cluster, tmp_path: Path, make_config) -> None:
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"id": "a", "conversations": [\n{"no": "id"}\n')
+    report = run_prepare(make_config([{"path": str(path)}], tmp_path / "out"))
+    assert (report["input"], report["written"], report["shards"]) == (2, 0, 0)
+    assert report["skipped"] == {"malformed_json": 1, "missing_id": 1}
+    dataset = read_prepared(str(tmp_path / "out"))
+    assert dataset.count() == 0 and dataset.schema().base_schema == PREPARED_SCHEMA
+
+
 # --- mixing: weight and repeat ---------------------------------------------------------------
 
 
@@ -445,6 +463,34 @@ def test_weight_sampling_is_fixed_by_the_seed(
     ids = [f"id-{i}" for i in range(4000)]
     source = resolve_sources(make_config([{"path": str(path), "weight": 0.25}]).data)[0]
     assert sum(copies_for(source, sample_id, seed=0) for sample_id in ids) == pytest.approx(1000, abs=100)
+
+
+# --- the report (no Ray) --------------------------------------------------------------------
+
+
+def test_report_counts_each_row_once_and_must_balance() -> None:
+    builder = ReportBuilder(["a.jsonl", "b.json"])
+    skips = [Skip(0, 0, "missing_image", "s0", 2), Skip(1, 1, "malformed_json", "b.json[1]")]
+    written = [Written(2, 0, 100, 2), Written(3, 1, 300, 1)]
+    builder.add(skips, written, ("worker-1", 1.5))
+    builder.add(skips[:1], written[:1], ("worker-1", 2.5))  # a retried batch: nothing counted twice
+    counts = builder.counts()
+    assert counts["written"] == 3 and counts["skipped"] == {"missing_image": 2, "malformed_json": 1}
+    assert counts["length_histogram"] == {"65-128": 2, "257-512": 1} and counts["worker_cpu_s"] == 2.5
+    expected = {
+        "a.jsonl": {"records": 2, "sampled_out": 0, "input": 4},
+        "b.json": {"records": 2, "sampled_out": 0, "input": 2},
+    }
+    report = finish_report(counts, expected, elapsed_s=2.0, settings={"template": "plain"})
+    assert (report["input"], report["samples_per_s"]) == (6, 3.0)
+    assert format_summary(report) == (
+        "prepare: 6 samples in, 3 written, 3 skipped (missing_image 2, malformed_json 1); 3.0 samples/s over 2.0 s"
+    )
+    expected["b.json"]["input"] = 3  # one sample the workers never accounted for
+    with pytest.raises(
+        ReportImbalanceError, match=r"samples vanished .*b.json: input 3 != written 1 \+ skipped 1"
+    ):
+        finish_report(counts, expected, elapsed_s=2.0, settings={})
 
 
 # --- reading sources (no Ray) ----------------------------------------------------------------
