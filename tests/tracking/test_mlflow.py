@@ -178,11 +178,14 @@ def test_training_run_on_a_real_server_with_s3_artifacts(
 def test_unreachable_server_fails_before_work_unless_optional(synthetic, get_free_port):
     uri = f"http://127.0.0.1:{get_free_port()}"
     config = tiny_pretrain(synthetic, "unreachable", f"tracking.uri={uri}")
-    with pytest.raises(
-        TrackingUnavailable,
-        match=r"cannot reach the MLflow server at http://127.0.0.1:\d+.*"
-        r"set tracking.required=false to run without tracking",
-    ), tracked_run(config, "prepare"):
+    with (
+        pytest.raises(
+            TrackingUnavailable,
+            match=r"cannot reach the MLflow server at http://127.0.0.1:\d+.*"
+            r"set tracking.required=false to run without tracking",
+        ),
+        tracked_run(config, "prepare"),
+    ):
         pytest.fail("the job body must not run")
     optional = tiny_pretrain(synthetic, "unreachable", f"tracking.uri={uri}", "tracking.required=false")
     with tracked_run(optional, "prepare") as tracker:
