@@ -221,3 +221,27 @@ def test_chat_template_takes_a_system_message(tokenizer):
         prompt
         == "<|im_start|>system\nBe brief.<|im_end|><|im_start|>user\nHi<|im_end|><|im_start|>assistant\n"
     )
+
+
+def test_exported_image_processor_pads_like_prepare(tmp_path):
+    """Serving through the exported processor sees the image as training did: padded, not cropped."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    from llava_ray.data.images import pad_to_square, resize_square
+    from llava_ray.model.export import build_processor
+    from llava_ray.training.collate import CLIP_MEAN, CLIP_STD
+
+    config = ModelConfig(preset="tiny")
+    tokenizer = load_tokenizer(config)
+    model = build_llava_model(config, tokenizer)
+    build_processor(model, tokenizer, "vicuna_v1").save_pretrained(tmp_path)
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    image = Image.new("RGB", (120, 60), (250, 250, 250))
+    image.paste((220, 30, 30), (0, 0, 30, 60))  # a red band at the left edge: cropping would cut it off
+    served = processor(images=image, return_tensors="pt")["pixel_values"][0].numpy()
+    trained = (
+        np.asarray(resize_square(pad_to_square(image), 64), dtype=np.float32) / 255 - CLIP_MEAN
+    ) / CLIP_STD
+    assert np.abs(served - trained.transpose(2, 0, 1)).mean() < 0.05

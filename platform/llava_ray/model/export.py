@@ -22,11 +22,11 @@ from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    CLIPImageProcessor,
     CLIPVisionConfig,
     GenerationConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaImageProcessor,
     LlavaProcessor,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -145,7 +145,9 @@ def build_processor(
     """A ``LlavaProcessor`` that expands ``<image>`` to the model's image positions, with the chat template."""
     vision_config = model.vision_tower.config
     size = vision_config.image_size
-    image_processor = CLIPImageProcessor(
+    # LLaVA-1.5 pads to a square in the CLIP mean colour before resizing, as `prepare` does by default.
+    image_processor = LlavaImageProcessor(
+        do_pad=True,
         size={"shortest_edge": size},
         crop_size={"height": size, "width": size},
         image_mean=list(OPENAI_CLIP_MEAN),
