@@ -212,3 +212,13 @@ def test_masks_hold_for_sentencepiece_style_tokenizers():
     pieces = [p.replace("▁", " ") for p in supervised_pieces(tokenizer, result)]
     assert [p.strip() for p in pieces] == ["Red.</s>", "Three.</s>"]
     assert result.text == EXPECTED["vicuna_v1"][0]
+
+
+@pytest.mark.parametrize("name", ["vicuna_v1", "llava_v1", "llava_llama_2", "chatml", "tokenizer"])
+def test_prompt_ids_are_the_training_ids_up_to_the_answer(tokenizer, name):
+    from llava_ray.model.templates import tokenize_prompt
+
+    prompt = tokenize_prompt(TWO_TURNS[:1], name, tokenizer, IMAGE_POSITIONS)
+    full = tokenize_conversation(TWO_TURNS, name, tokenizer, IMAGE_POSITIONS)
+    assert full.input_ids[: len(prompt)] == prompt
+    assert full.labels[len(prompt)] != IGNORE_INDEX  # the answer starts right after the prompt

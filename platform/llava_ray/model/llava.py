@@ -46,7 +46,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from llava_ray.config.schema import LoraConfig, ModelConfig
 from llava_ray.model.presets import build_language_model, build_vision_tower, image_positions, image_token_id
 from llava_ray.model.projector import build_projector
-from llava_ray.model.templates import IGNORE_INDEX, get_template, normalize_turns
+from llava_ray.model.templates import IGNORE_INDEX, get_template, tokenize_prompt
 from llava_ray.model.tokenizer import IMAGE_TOKEN
 from llava_ray.utils.storage import local_copy
 
@@ -548,28 +548,8 @@ def parameter_groups(
 # ---- generation ----------------------------------------------------------------------------------
 
 
-def prompt_input_ids(
-    conversation: Sequence[dict[str, Any]],
-    template_name: str,
-    tokenizer: PreTrainedTokenizerBase,
-    positions: int,
-) -> list[int]:
-    """Token ids of a generation prompt, tokenized as in training, ``<image>`` expanded to ``positions``."""
-    turns = normalize_turns(conversation, require_answer=False)
-    if template_name == "tokenizer":
-        messages = [{"role": turn.role, "content": turn.text} for turn in turns]
-        ids = list(
-            tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=True
-            )["input_ids"]
-        )
-    else:
-        template = get_template(template_name)
-        ids = list(tokenizer(template.prompt_text(turns), add_special_tokens=False)["input_ids"])
-        if template.add_bos and tokenizer.bos_token_id is not None:
-            ids = [tokenizer.bos_token_id, *ids]
-    image_id = image_token_id(tokenizer)
-    return [expanded for token in ids for expanded in ([token] * positions if token == image_id else [token])]
+# Generation prompts are tokenized by the templates module, the one implementation training uses.
+prompt_input_ids = tokenize_prompt
 
 
 def end_markers(template_name: str, tokenizer: PreTrainedTokenizerBase) -> list[str]:

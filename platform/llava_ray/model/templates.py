@@ -234,15 +234,7 @@ def tokenize_conversation(
         template = get_template(template_name)
         ids, supervised, text = _tokenize_spans(template.render(turns), tokenizer, template.add_bos)
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    input_ids: list[int] = []
-    labels: list[int] = []
-    for token, is_supervised in zip(ids, supervised, strict=True):
-        if token == image_id:
-            input_ids += [image_id] * image_positions
-            labels += [IGNORE_INDEX] * image_positions
-        else:
-            input_ids.append(token)
-            labels.append(token if is_supervised else IGNORE_INDEX)
+    input_ids, labels = expand_images(ids, supervised, image_id, image_positions)
     num_images = ids.count(image_id)
     if max_length is not None and len(input_ids) > max_length:
         if input_ids[max_length - 1] == image_id and input_ids[max_length] == image_id:
@@ -256,6 +248,46 @@ def tokenize_conversation(
             "no_supervised_tokens", "no answer token is left to train on (truncated or empty)"
         )
     return result
+
+
+def expand_images(
+    ids: Sequence[int], supervised: Sequence[bool], image_id: int, image_positions: int
+) -> tuple[list[int], list[int]]:
+    """Each ``<image>`` id repeated ``image_positions`` times; labels (IGNORE_INDEX off supervision)."""
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for token, is_supervised in zip(ids, supervised, strict=True):
+        if token == image_id:
+            input_ids += [image_id] * image_positions
+            labels += [IGNORE_INDEX] * image_positions
+        else:
+            input_ids.append(token)
+            labels.append(token if is_supervised else IGNORE_INDEX)
+    return input_ids, labels
+
+
+def tokenize_prompt(
+    conversation: Sequence[dict[str, Any]],
+    template_name: str,
+    tokenizer: PreTrainedTokenizerBase,
+    image_positions: int,
+) -> list[int]:
+    """Token ids of a generation prompt (turns end with the user's), tokenized exactly as in training."""
+    turns = normalize_turns(conversation, require_answer=False)
+    if template_name == "tokenizer":
+        messages = [{"role": turn.role, "content": turn.text} for turn in turns]
+        ids = list(
+            tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=True
+            )["input_ids"]
+        )
+    else:
+        template = get_template(template_name)
+        ids, _, _ = _tokenize_spans(
+            template.render(turns, generation_prompt=True), tokenizer, template.add_bos
+        )
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    return expand_images(ids, [False] * len(ids), image_id, image_positions)[0]
 
 
 def _tokenize_spans(
