@@ -78,10 +78,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             flush=True,
         )
     flops = FlopsModel.of(model)
+    accumulation = accumulation_steps(config, world_size)
     started = time.time()
     start_step = state.step
     while state.step < total_steps:
-        accumulation = accumulation_steps(config, world_size)
         result = train_step(
             engine,
             [next(batches) for _ in range(accumulation)],
