@@ -27,7 +27,6 @@ for the same answer and reference, so an interrupted run resumes where it stoppe
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -54,7 +53,6 @@ CATEGORY_NAMES = {
     "detail": "detail",
     "complex": "complex",
 }
-DEFAULT_BASE_URL = "https://api.openai.com/v1"
 REVIEWS_FILE = "reviews.jsonl"
 SCORE_RANGE = (1.0, 10.0)
 
@@ -176,18 +174,7 @@ def client_settings(config: JudgeConfig) -> ClientSettings:
         raise ValueError(
             "evaluate.judge.model is not set; name the judge model (e.g. gpt-4o) for llava_bench"
         )
-    api_key = config.api_key.get_secret_value() if config.api_key else os.environ.get("OPENAI_API_KEY")
-    return ClientSettings(
-        base_url=config.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL,
-        model=config.model,
-        api_key=api_key,
-        temperature=config.temperature,
-        max_tokens=config.max_tokens,
-        timeout_s=config.request_timeout_s,
-        max_retries=config.max_retries,
-        backoff_initial_s=config.backoff_initial_s,
-        backoff_max_s=config.backoff_max_s,
-    )
+    return ClientSettings.from_config(config, config.temperature)
 
 
 def review_answers(

@@ -22,6 +22,7 @@ from __future__ import annotations
 import email.utils
 import http.client
 import json
+import os
 import random
 import threading
 import time
@@ -31,9 +32,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from llava_ray.config.endpoint import EndpointConfig
+
 RETRYABLE_STATUSES = frozenset({408, 409, 429})
 FATAL_STATUSES = frozenset({401, 403, 404})
 _ERROR_SNIPPET_CHARS = 200
+
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,22 @@ class ClientSettings:
     @property
     def endpoint(self) -> str:
         return self.base_url.rstrip("/") + "/chat/completions"
+
+    @classmethod
+    def from_config(cls, config: EndpointConfig, temperature: float) -> ClientSettings:
+        """Settings of a config section; ``$OPENAI_BASE_URL`` / ``$OPENAI_API_KEY`` fill what it leaves unset."""
+        api_key = config.api_key.get_secret_value() if config.api_key else os.environ.get("OPENAI_API_KEY")
+        return cls(
+            base_url=config.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL,
+            model=config.model or "",
+            api_key=api_key or None,
+            temperature=temperature,
+            max_tokens=config.max_tokens,
+            timeout_s=config.request_timeout_s,
+            max_retries=config.max_retries,
+            backoff_initial_s=config.backoff_initial_s,
+            backoff_max_s=config.backoff_max_s,
+        )
 
 
 @dataclass(frozen=True)

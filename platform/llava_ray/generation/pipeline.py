@@ -60,7 +60,6 @@ from llava_ray.generation.workers import ENDPOINT_REFUSED, EndpointWorker, Local
 from llava_ray.utils.storage import filesystem, is_remote
 
 REPORT_FILE = "report.json"
-DEFAULT_BASE_URL = "https://api.openai.com/v1"
 HF_BATCH_SIZE = 8
 # HTTP actors mostly wait on the network; a quarter CPU each leaves the cores to other work.
 ENDPOINT_ACTOR_CPUS = 0.25
@@ -184,18 +183,7 @@ def generate_problems(config: GenerateConfig) -> list[str]:
 
 def endpoint_settings(config: GenerateConfig) -> ClientSettings:
     """Client settings from the config, the environment filling what it leaves unset."""
-    api_key = config.api_key.get_secret_value() if config.api_key else os.environ.get("OPENAI_API_KEY")
-    return ClientSettings(
-        base_url=config.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL,
-        model=config.model or "",
-        api_key=api_key or None,
-        temperature=config.temperature,
-        max_tokens=config.max_tokens,
-        timeout_s=config.request_timeout_s,
-        max_retries=config.max_retries,
-        backoff_initial_s=config.backoff_initial_s,
-        backoff_max_s=config.backoff_max_s,
-    )
+    return ClientSettings.from_config(config, config.temperature)
 
 
 def actor_plan(config: GenerateConfig, requests: int, seed: int) -> ActorPlan:
