@@ -127,3 +127,12 @@ def test_deepspeed_config_is_derived_from_the_training_config():
         and cpu["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     )
     assert not cpu["bf16"]["enabled"] and deepspeed_config(config, 4, on_gpu=True)["bf16"]["enabled"]
+
+
+def test_collate_takes_ray_datas_empty_image_arrays(stage2_rows, tiny_tokenizer):
+    import numpy as np
+
+    text_only = next(row for row in stage2_rows if not row["images"])
+    as_ray_data_gives_it = {**text_only, "images": np.array([], dtype=object)}
+    batch = collate_rows([as_ray_data_gives_it], tiny_tokenizer.pad_token_id, 64)
+    assert "pixel_values" not in batch

@@ -53,7 +53,9 @@ def collate_rows(rows: Sequence[dict[str, Any]], pad_id: int, image_size: int) -
         input_ids[i, :length] = torch.tensor(np.asarray(row["input_ids"]), dtype=torch.long)
         labels[i, :length] = torch.tensor(np.asarray(row["labels"]), dtype=torch.long)
         attention_mask[i, :length] = 1
-        images += [image_to_tensor(data, image_size) for data in (row.get("images") or [])]
+        # Ray Data hands a text-only row's images as an empty numpy array, whose truth value is an error.
+        row_images = row.get("images")
+        images += [image_to_tensor(data, image_size) for data in ([] if row_images is None else row_images)]
     batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,

@@ -103,7 +103,7 @@ def train_step(
         engine.backward(output.loss * scale)
         engine.step()
         loss_sum += float(output.loss.detach()) / max(int(step_tokens), 1)
-        samples += int(batch["input_ids"].shape[0])
+        samples += int(batch.get("num_samples", batch["input_ids"].shape[0]))  # a packed row holds several
         tokens += int(batch["num_tokens"])
         padded += int(batch["input_ids"].numel())
         supervised += int(output.num_supervised_tokens)
