@@ -2,6 +2,9 @@
 
     python jobs/benchmark.py prepare [--samples 2000] [--workers W] [--workdir DIR]
     ray job submit --working-dir . -- python jobs/benchmark.py prepare --samples 20000
+    python jobs/benchmark.py train [--preset tiny|llava-7b-stage1|stage2-1b] [--steps N]
+                                   [--device cpu|cuda] [--packing on|off] [--ray]
+    ray job submit --working-dir . -- python jobs/benchmark.py train --preset stage2-1b --device cuda --ray
 
 ``prepare`` writes COCO-like photos (non-square JPEGs around 640x480) and a LLaVA JSON file, then
 measures, on the same files:
@@ -13,11 +16,18 @@ measures, on the same files:
     end to end: scan, actor start-up and writing included; only the driver process's one-off
     import of the model code (torch) happens before the clock starts.
 
-(a) is measured before and after (b) and averaged, so load from other processes on a shared
+An untimed warm-up prepare of ``--warmup`` samples runs first (0 turns it off), so (b) meets
+Ray worker processes that already exist, as on a cluster that has run jobs before; a cold run
+adds several seconds of process start-up. (a) is measured before and after (b) and averaged, so load from other processes on a shared
 machine weighs on both. It prints both figures and the ratio b/a (goal: >= 0.6), and the same
 by CPU time (samples per CPU second of the bare loop vs of the pipeline's workers and driver),
-which other processes' load does not skew; the last line is one JSON object with every figure.
-Subcommands for other stages (``train``) join here.
+which other processes' load skews far less; the last line is one JSON object with every figure.
+
+``train`` times one training step of stock Hugging Face ``LlavaForConditionalGeneration`` with
+LLaVA-style padded batches (a) against llava-ray's step (b) on the same samples of a LLaVA-1.5
+665K-like length mix, in one process on one device (``--ray``: as one Ray task); the data mix,
+the contenders and every figure are described in ``llava_ray.training.benchmark``. The last line
+is one JSON object with each contender's figures and ``ratio`` (b/a in supervised tokens/s).
 """
 
 from __future__ import annotations
@@ -42,6 +52,12 @@ from PIL import Image, ImageDraw, ImageFilter
 from llava_ray.config import validate_config
 from llava_ray.data.prepare import run_prepare
 from llava_ray.model.tokenizer import TINY_TOKENIZER_DIR
+from llava_ray.training.benchmark import (
+    TRAIN_PRESETS,
+    TrainBenchOptions,
+    format_summary,
+    run_train_benchmark,
+)
 
 PHOTO_SIZES = ((640, 480), (480, 640), (640, 427), (427, 640), (500, 375), (640, 512))
 BENCH_IMAGE_SIZE = 336  # LLaVA-1.5's CLIP ViT-L/14-336
@@ -159,13 +175,25 @@ def cmd_prepare(args: argparse.Namespace) -> dict[str, Any]:
         # The driver imports the model code (torch) once per process: start-up, not throughput.
         importlib.import_module("llava_ray.model.presets")
         workers = args.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        if args.warmup:
+            warm_up(data_file, root, args.warmup, workers)
 
         before = bare_pillow_loop(paths)
         print(f"(a) bare Pillow loop: {before.per_s:.1f} samples/s on one core", flush=True)
         report = run_prepare(bench_config(data_file, root / "prepared"), workers=workers)
         after = bare_pillow_loop(paths)
         print(f"(a) bare Pillow loop again: {after.per_s:.1f} samples/s on one core", flush=True)
-    return prepare_figures(args.samples, workers, before, after, report)
+    figures = prepare_figures(args.samples, workers, before, after, report)
+    return {**figures, "warmup_samples": args.warmup}
+
+
+def warm_up(data_file: Path, root: Path, samples: int, workers: int) -> None:
+    """A small prepare first, so Ray's worker processes exist, as on a cluster that has run jobs."""
+    records = json.loads(data_file.read_text())[:samples]
+    warmup_file = root / "warmup.json"
+    warmup_file.write_text(json.dumps(records))
+    print(f"warm-up: preparing {len(records)} samples ...", flush=True)
+    run_prepare(bench_config(warmup_file, root / "warmup-prepared"), workers=workers)
 
 
 def prepare_figures(
@@ -174,7 +202,7 @@ def prepare_figures(
     """Print and return (a), (b) and b/a by the wall clock, and the same by CPU time.
 
     The CPU-time ratio (bare loop CPU per sample / pipeline workers' and driver's CPU per sample)
-    does not move when other processes load the machine; the wall-clock one does.
+    moves far less than the wall-clock one when other processes load the machine.
     """
     bare = (before.per_s + after.per_s) / 2
     per_core = report["samples_per_s"] / workers
@@ -211,6 +239,35 @@ def prepare_figures(
 
 
 # ---------------------------------------------------------------------------------------------
+# train
+
+
+def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    options = TrainBenchOptions(
+        preset=args.preset,
+        steps=args.steps,
+        warmup=args.warmup,
+        device=args.device,
+        packing=args.packing == "on",
+        grouping=args.grouping,
+        smoke=args.smoke,
+        seed=args.seed,
+    )
+    if args.ray:
+        if not ray.is_initialized():
+            # The task's output would reach this driver asynchronously, after the last (JSON) line.
+            local = {} if os.environ.get("RAY_ADDRESS") else {"address": "local", "include_dashboard": False}
+            ray.init(log_to_driver=False, **local)
+        # One task holding the whole device: both contenders share its process, as without Ray.
+        task = ray.remote(num_cpus=1, num_gpus=1 if args.device == "cuda" else 0)(run_train_benchmark)
+        figures = ray.get(task.remote(options))
+    else:
+        figures = run_train_benchmark(options)
+    print(format_summary(figures), flush=True)
+    return figures
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -229,6 +286,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--workdir", default=None, help="keep (and reuse) the photos here instead of a temp dir"
     )
     prepare.add_argument("--seed", type=int, default=0, help="seed of the generated photos")
+    prepare.add_argument(
+        "--warmup",
+        type=int,
+        default=128,
+        help="samples of an untimed prepare run first, so Ray worker processes exist (0: measure cold)",
+    )
+
+    train = add("train", cmd_train, "HF LLaVA padded training vs llava-ray's step, supervised tokens/s")
+    train.add_argument(
+        "--preset", choices=sorted(TRAIN_PRESETS), default="tiny", help="model and batch (default tiny)"
+    )
+    train.add_argument("--steps", type=int, default=5, help="measured steps per contender (default 5)")
+    train.add_argument("--warmup", type=int, default=1, help="untimed steps per contender first (default 1)")
+    train.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="where to train (default cpu)"
+    )
+    train.add_argument(
+        "--packing", choices=("on", "off"), default="on", help="(b) packs its batch (default on)"
+    )
+    train.add_argument(
+        "--grouping",
+        choices=("sorted", "llava"),
+        default="sorted",
+        help="(a)'s micro-batches: sorted by length (default) or spread as LLaVA's sampler does",
+    )
+    train.add_argument(
+        "--smoke",
+        action="store_true",
+        help="shrink model and batch, bf16: checks a GPU preset's code path on any device (no figures to keep)",
+    )
+    train.add_argument("--seed", type=int, default=0, help="seed of the model and the samples")
+    train.add_argument("--ray", action="store_true", help="run as one Ray task (on the job's cluster if any)")
     return parser
 
 
