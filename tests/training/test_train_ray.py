@@ -180,3 +180,26 @@ def test_restarted_job_resumes_from_its_latest_checkpoint_on_s3(prepared, s3_end
     resumed = run_train(config)
     assert resumed.metrics["step"] == 6 and resumed.metrics["resumed_from_step"] == 2
     assert fs.exists("llava-runs/runs/s1-restart/final/model.safetensors")
+
+
+def test_training_streams_from_the_sources_without_shards(prepared):
+    root, _ = prepared
+    config = load_config(
+        f"{TINY}/pretrain.yaml",
+        [
+            f"data.sources.0.path={root / 'data' / 'stage1.json'}",
+            "data.prepared_path=null",
+            f"run.storage_path={root / 'runs'}",
+            "run.name=s1-streamed",
+            "scaling.num_workers=1",
+            "train.global_batch_size=8",
+            "train.micro_batch_size=8",
+            "train.max_steps=2",
+        ],
+    )
+    result = run_train(config)
+    assert (
+        result.metrics["step"] == 2
+        and (root / "runs" / "s1-streamed" / "final" / "model.safetensors").exists()
+    )
+    assert not any((root / "runs" / "s1-streamed").rglob("*.parquet"))  # nothing was written as shards

@@ -10,6 +10,7 @@ same ``run.name`` and ``run.storage_path`` resumes from the latest complete chec
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from ray.train.torch import TorchTrainer
 
 from llava_ray.config.loader import ConfigError
 from llava_ray.config.schema import LlavaRayConfig
-from llava_ray.data.prepare import load_report
+from llava_ray.data.prepare import build_prepare_pipeline, load_report
 from llava_ray.tracking.mlflow_tracking import Tracker, tracked_run
 from llava_ray.training.batching import Schedule, build_schedule
 from llava_ray.training.final import HF_DIR, final_model_uri
@@ -48,9 +49,12 @@ def train_problems(config: LlavaRayConfig) -> list[str]:
     """Problems a stage job can see before starting anything."""
     problems = []
     prepared = config.data.prepared_path
-    if not prepared:
-        problems.append("data.prepared_path is not set; run `llava-ray prepare` and point it at the output")
-    else:
+    if not prepared and not config.data.sources:
+        problems.append(
+            "neither data.prepared_path (shards written by `llava-ray prepare`) nor data.sources (prepared "
+            "on the fly, streamed into training) is set; set one"
+        )
+    elif prepared:
         fs, path = filesystem(prepared)
         if not fs.exists(f"{path.rstrip('/')}/report.json"):
             problems.append(
@@ -81,6 +85,20 @@ def ray_storage(storage_path: str) -> tuple[str, Any]:
 def read_prepared_dataset(path: str) -> ray.data.Dataset:
     fs, root = filesystem(path)
     return ray.data.read_parquet(root, filesystem=fs, file_extensions=["parquet"])
+
+
+def training_dataset(config: LlavaRayConfig) -> tuple[ray.data.Dataset, dict[str, Any]]:
+    """The prepared rows and their data report: from shards, or prepared on the fly from the sources.
+
+    Without ``data.prepared_path`` the prepare pipeline streams into training without writing
+    shards; it is materialized in the object store once, since the schedule needs every length first.
+    """
+    if config.data.prepared_path:
+        return read_prepared_dataset(config.data.prepared_path), load_report(config.data.prepared_path)
+    started = time.perf_counter()
+    pipeline = build_prepare_pipeline(config)
+    dataset = pipeline.dataset.materialize()
+    return dataset, pipeline.finish(time.perf_counter() - started)
 
 
 def schedule_for(config: LlavaRayConfig, index: pd.DataFrame) -> Schedule:
@@ -139,8 +157,11 @@ def run_train(config: LlavaRayConfig, parent_run_id: str | None = None) -> Train
     if problems:
         raise ConfigError(problems)
     with tracked_run(config, "train", parent_run_id, run_name=config.run.name) as tracker:
-        tracker.log_dict(load_report(config.data.prepared_path), "data_report.json")
-        result = _fit(config, tracker)
+        if not ray.is_initialized():
+            ray.init()
+        dataset, report = training_dataset(config)
+        tracker.log_dict(report, "data_report.json")
+        result = _fit(config, tracker, dataset)
         tracker.log_loss_curve()
         tracker.set_tags({"llava_ray.final_model": result.final_model})
         if not is_remote(result.final_model):
@@ -150,13 +171,10 @@ def run_train(config: LlavaRayConfig, parent_run_id: str | None = None) -> Train
         return result
 
 
-def _fit(config: LlavaRayConfig, tracker: Tracker) -> TrainResult:
-    if not ray.is_initialized():
-        ray.init()
+def _fit(config: LlavaRayConfig, tracker: Tracker, dataset: ray.data.Dataset) -> TrainResult:
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
     context.enable_progress_bars = False  # per-worker bars flood job logs; the progress line says it all
-    dataset = read_prepared_dataset(config.data.prepared_path)
     index = dataset.select_columns(INDEX_COLUMNS).to_pandas().sort_values("row", ignore_index=True)
     schedule = schedule_for(config, index)
     world_size = config.scaling.num_workers
