@@ -24,7 +24,7 @@ from ray.train.torch import TorchTrainer
 
 from llava_ray.config.loader import ConfigError
 from llava_ray.config.schema import LlavaRayConfig
-from llava_ray.data.prepare import build_prepare_pipeline, load_report
+from llava_ray.data.prepare import REPORT_FILE, build_prepare_pipeline, load_report
 from llava_ray.tracking.mlflow_tracking import Tracker, tracked_run
 from llava_ray.training.batching import Schedule, build_schedule
 from llava_ray.training.final import HF_DIR, final_model_uri
@@ -56,7 +56,7 @@ def train_problems(config: LlavaRayConfig) -> list[str]:
         )
     elif prepared:
         fs, path = filesystem(prepared)
-        if not fs.exists(f"{path.rstrip('/')}/report.json"):
+        if not fs.exists(f"{path.rstrip('/')}/{REPORT_FILE}"):
             problems.append(
                 f"data.prepared_path = {prepared!r} holds no prepared data (no report.json); "
                 "run `llava-ray prepare --config ...` first"
