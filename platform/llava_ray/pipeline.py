@@ -34,6 +34,12 @@ class PipelineResult:
         return next(stage for stage in self.stages if stage.name == name)
 
 
+def report_counts(report: dict[str, Any]) -> dict[str, int]:
+    """A prepare / generate-data report's counts as MLflow metrics: input, written, skipped by reason."""
+    skipped = {f"skipped.{reason}": count for reason, count in report["skipped"].items()}
+    return {"input": report["input"], "written": report["written"], **skipped}
+
+
 def prepare_job(
     config: LlavaRayConfig, parent_run_id: str | None = None, reuse: bool = False
 ) -> dict[str, Any]:
@@ -45,18 +51,12 @@ def prepare_job(
                 report = load_report(config.data.prepared_path)
                 print(f"[prepare] reusing prepared data at {config.data.prepared_path}", flush=True)
             except FileNotFoundError:
-                report = None
+                pass  # not prepared yet: prepare below
         reused = report is not None
         if report is None:
             report = run_prepare(config)
         tracker.log_dict(report, "data_report.json")
-        tracker.log_metrics(
-            {
-                "input": report["input"],
-                "written": report["written"],
-                **{f"skipped.{reason}": count for reason, count in report["skipped"].items()},
-            }
-        )
+        tracker.log_metrics(report_counts(report))
         tracker.set_tags({"llava_ray.reused_prepared_data": str(reused)})
         return report
 
@@ -70,13 +70,7 @@ def generate_job(config: LlavaRayConfig, parent_run_id: str | None = None) -> di
     ) as tracker:
         report = run_generate(config.generate, seed=config.run.seed)
         tracker.log_dict(report, "generation_report.json")
-        tracker.log_metrics(
-            {
-                "input": report["input"],
-                "written": report["written"],
-                **{f"skipped.{reason}": count for reason, count in report["skipped"].items()},
-            }
-        )
+        tracker.log_metrics(report_counts(report))
         return report
 
 
