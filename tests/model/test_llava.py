@@ -176,6 +176,35 @@ def test_packed_samples_attend_only_to_themselves(model, tokenizer):
     torch.testing.assert_close(packed[:, lengths[0] :], alone[1], atol=1e-5, rtol=1e-4)
 
 
+def test_supervised_only_lm_head_gives_the_full_loss_and_gradients(model, tokenizer):
+    """``return_logits=False``: the LM head runs only where a label is supervised; nothing else changes."""
+    set_trainable(model, "full")
+    image_ids, image_labels, _ = conversation_batch(tokenizer)
+    text_ids, text_labels, _ = text_batch(tokenizer)
+    width = image_ids.shape[1]  # a padded batch of an image row and a (shorter) text-only row
+    pad = width - text_ids.shape[1]
+    input_ids = torch.cat([image_ids, torch.nn.functional.pad(text_ids, (0, pad), value=0)])
+    labels = torch.cat([image_labels, torch.nn.functional.pad(text_labels, (0, pad), value=IGNORE_INDEX)])
+    attention_mask = (torch.arange(width) < torch.tensor([[width], [width - pad]])).long()
+    inputs = {"attention_mask": attention_mask, "labels": labels, "pixel_values": pixels(1)}
+    results = []
+    for return_logits in (True, False):
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids, **inputs, loss_reduction="sum", return_logits=return_logits)
+        out.loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results.append((out, grads))
+    (full, full_grads), (kept, kept_grads) = results
+    assert full.logits is not None and kept.logits is None
+    torch.testing.assert_close(kept.loss, full.loss)
+    assert int(kept.num_supervised_tokens) == int(full.num_supervised_tokens) > 0
+    assert kept_grads.keys() == full_grads.keys()
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(kept_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    mean = model(input_ids, **inputs, return_logits=False).loss
+    torch.testing.assert_close(mean, full.loss / full.num_supervised_tokens)
+
+
 def test_unknown_loss_reduction(model, tokenizer):
     input_ids, labels, _ = conversation_batch(tokenizer)
     with pytest.raises(ValueError, match="loss_reduction='avg' is unknown"):

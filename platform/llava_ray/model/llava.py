@@ -156,6 +156,7 @@ class LlavaModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         loss_reduction: Literal["mean", "sum"] = "mean",
+        return_logits: bool = True,
         **lm_kwargs: Any,
     ) -> LlavaOutput:
         """Logits, and with ``labels`` the shifted causal-LM loss over supervised tokens.
@@ -164,26 +165,36 @@ class LlavaModel(nn.Module):
         with every loss, so training can divide by the global count over ranks and accumulation steps.
         Packed rows (several samples per row) pass ``position_ids`` restarting at 0 per sample and no
         ``attention_mask``: each sample then attends only to itself.
+
+        ``return_logits=False`` with ``labels`` (training): the LM head and the fp32 cross-entropy run
+        only at positions whose next label is supervised (see :func:`supervised_positions`), so no
+        [tokens, vocab] logits exist; ``logits`` is then None. Same loss and gradients.
         """
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction={loss_reduction!r} is unknown; use 'mean' or 'sum'")
         embeds = self.embed_inputs(input_ids, pixel_values)
         # No KV cache in training: transformers builds per-sample masks for packed rows (position ids
         # restarting at 0, no attention mask) only without one, and a cache is wasted memory here.
         lm_kwargs.setdefault("use_cache", False)
+        if labels is not None:
+            # The data already ignores image positions; enforce it so no batch can train on them.
+            labels = labels.masked_fill(input_ids == self.image_token_id, IGNORE_INDEX)
+        keep = None if labels is None or return_logits else supervised_positions(labels)
+        if keep is not None:
+            lm_kwargs["logits_to_keep"] = keep  # transformers' LMs then return logits [kept, vocab]
         outputs = self.language_model(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, **lm_kwargs
         )
         loss, count = None, None
-        if labels is not None:
-            # The data already ignores image positions; enforce it so no batch can train on them.
-            labels = labels.masked_fill(input_ids == self.image_token_id, IGNORE_INDEX)
+        if keep is not None:
+            loss, count = kept_token_loss_sum(outputs.logits, labels, keep)
+        elif labels is not None:
             loss, count = token_loss_sum(outputs.logits, labels)
-            if loss_reduction == "mean":
-                loss = loss / count.clamp(min=1)
-            elif loss_reduction != "sum":
-                raise ValueError(f"loss_reduction={loss_reduction!r} is unknown; use 'mean' or 'sum'")
+        if loss is not None and loss_reduction == "mean":
+            loss = loss / count.clamp(min=1)
         return LlavaOutput(
             loss=loss,
-            logits=outputs.logits,
+            logits=None if keep is not None else outputs.logits,
             cache=getattr(outputs, "cache", None),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
@@ -272,6 +283,30 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
         reduction="sum",
     )
     return loss_sum, (shift_labels != IGNORE_INDEX).sum()
+
+
+def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Bool [B, T]: the positions whose next label carries a loss (position t predicts label t+1).
+
+    In LLaVA's data a minority (answers, not prompts, images or padding): the only positions where
+    training needs the LM head at all.
+    """
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return keep
+
+
+def kept_token_loss_sum(
+    logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`token_loss_sum` from logits [kept, vocab] computed only where ``keep`` is True."""
+    targets = labels[:, 1:][keep[:, :-1]].to(logits.device)
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(
+            f"the LM returned logits of shape {tuple(logits.shape)} for {targets.numel()} supervised positions: "
+            "it does not take a boolean logits_to_keep mask; call the model with return_logits=True"
+        )
+    return F.cross_entropy(logits.float(), targets, reduction="sum"), keep.sum()
 
 
 # ---- building ------------------------------------------------------------------------------------

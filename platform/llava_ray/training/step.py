@@ -99,7 +99,8 @@ def train_step(
     loss_sum = 0.0
     samples = tokens = padded = supervised = image_positions = 0
     for batch in micro_batches:
-        output = engine(**move_inputs(batch, device), loss_reduction="sum")
+        # No logits: the LM head runs only where a label is supervised (LlavaModel.forward).
+        output = engine(**move_inputs(batch, device), loss_reduction="sum", return_logits=False)
         engine.backward(output.loss * scale)
         engine.step()
         loss_sum += float(output.loss.detach()) / max(int(step_tokens), 1)
