@@ -35,6 +35,7 @@ from llava_ray.training.engine import (
 )
 from llava_ray.training.final import save_final_model
 from llava_ray.training.metrics import FlopsModel, StepMetrics, format_progress, peak_flops
+from llava_ray.training.packing import pack_micro_batch, use_segment_attention
 from llava_ray.training.step import StepResult, train_step
 from llava_ray.utils.faults import maybe_inject_fault
 
@@ -125,6 +126,8 @@ def setup_engine(
     tokenizer = load_tokenizer(config.model)
     model = build_llava_model(config.model, tokenizer, seed=config.run.seed)
     model.template = config.data.template
+    if config.train.packing:  # packed rows attend per sample, at sum(L^2) (see micro_batches)
+        use_segment_attention(model.language_model)
     set_trainable(model, config.train.trainable, config.train.freeze_vision_tower, config.train.lora)
     if config.train.gradient_checkpointing:
         model.enable_activation_checkpointing()
@@ -146,13 +149,16 @@ def micro_batches(
     """This rank's micro-batches in schedule order, resuming after ``skip_steps`` optimizer steps.
 
     The rank's dataset is sorted by ``seq`` (its position in the schedule); a row arriving out of
-    order would silently change what trains, so it is an error.
+    order would silently change what trains, so it is an error. With ``train.packing`` each
+    micro-batch's rows become one packed row (``pack_micro_batch``): the same samples per micro-batch
+    and per step, so the loss, a token mean over the global batch, is unchanged; only padding goes.
     """
     shard = ray.train.get_dataset_shard(f"rank{rank}")
     micro = config.train.micro_batch_size
     per_step = micro * accumulation_steps(config, world_size)
     expected = skip_steps * per_step
     image_size = model.vision_tower.config.image_size
+    collate = pack_micro_batch if config.train.packing else collate_rows
     for columns in shard.iter_batches(batch_size=micro, batch_format="numpy", prefetch_batches=2):
         seq = columns["seq"]
         if seq[0] < skip_steps * per_step:
@@ -160,7 +166,7 @@ def micro_batches(
         if list(seq) != list(range(expected, expected + len(seq))):
             raise RuntimeError(f"rank {rank} received rows {list(seq)[:4]}... but expected {expected}...")
         expected += len(seq)
-        yield collate_rows(rows_from_columns(columns), pad_id, image_size)
+        yield collate(rows_from_columns(columns), pad_id, image_size)
 
 
 def reduce_metrics(result: StepResult, engine: Any, world_size: int, device: torch.device) -> StepMetrics:

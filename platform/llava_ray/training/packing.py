@@ -4,7 +4,8 @@ Padded micro-batches (``collate_rows``) waste every position between a row's end
 row; LLaVA-1.5's mix (short VQA answers next to long conversations) pads a lot even when grouped
 by length. :func:`pack_rows` instead places whole samples into rows of at most ``token_budget``
 tokens, first-fit decreasing, never splitting a sample (one longer than the budget gets a row of
-its own).
+its own). Training (``train.packing``) packs each scheduled micro-batch into one row with
+:func:`pack_micro_batch` and runs the LM with :func:`use_segment_attention`.
 
 Output: the keys of ``collate_rows`` (``input_ids``, ``labels``, ``pixel_values``, ``num_tokens``,
 ``num_supervised``; ``attention_mask`` only with ``attention="block_mask"``), plus:
@@ -125,6 +126,17 @@ def pack_micro_batches(
         pack_rows([rows[i] for i in members], token_budget, pad_id, image_size, attention)
         for members in first_fit_decreasing(lengths, token_budget)
     ]
+
+
+def pack_micro_batch(rows: Sequence[dict[str, Any]], pad_id: int, image_size: int) -> dict[str, torch.Tensor]:
+    """A training micro-batch's rows as one packed row: the same samples, no padding at all.
+
+    What ``train.packing`` does to each scheduled micro-batch. With segment attention
+    (:func:`use_segment_attention`) a row's attention costs sum(L^2) however many samples it holds,
+    and the row has no more positions than the padded micro-batch, so one row is the cheapest
+    layout; nothing else changes (samples per step, the loss normalisation, accumulation).
+    """
+    return pack_rows(rows, sum(len(row["input_ids"]) for row in rows), pad_id, image_size)
 
 
 def _concatenate(members: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -1,0 +1,197 @@
+"""train.packing: packed micro-batches train exactly as padded ones, and the loop packs exactly
+the scheduled samples. No Ray: the step runs on ``PlainEngine``, the loop reads a stand-in shard."""
+
+import copy
+import itertools
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import ray.train
+import torch
+
+from llava_ray.config import load_config
+from llava_ray.config.schema import ModelConfig
+from llava_ray.model.llava import build_llava_model, set_trainable
+from llava_ray.model.presets import image_token_id
+from llava_ray.model.templates import IGNORE_INDEX
+from llava_ray.training.batching import build_schedule
+from llava_ray.training.collate import collate_rows, image_to_tensor
+from llava_ray.training.loop import micro_batches
+from llava_ray.training.packing import pack_micro_batch, use_segment_attention
+from llava_ray.training.step import PlainEngine, train_step
+
+IMAGE_SIZE = 64
+IMAGE_POSITIONS = 64
+CPU = torch.device("cpu")
+
+
+class GradientRecorder(PlainEngine):
+    """PlainEngine that keeps a copy of the accumulated gradients before its optimizer step."""
+
+    grads: dict[str, torch.Tensor]
+
+    def step(self) -> None:
+        if (self.micro_steps + 1) % self.accumulation == 0:
+            self.grads = {
+                name: p.grad.clone() for name, p in self.module.named_parameters() if p.grad is not None
+            }
+        super().step()
+
+
+def one_step(model, batches):
+    """Loss, step counts and gradients of one optimizer step over ``batches`` (token-mean loss)."""
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    engine = GradientRecorder(model, optimizer, None, accumulation=len(batches), max_grad_norm=1.0)
+    step_tokens = sum(int(batch["num_supervised"]) for batch in batches)
+    return train_step(engine, batches, step_tokens, world_size=1, device=CPU), engine.grads
+
+
+@pytest.fixture(scope="module")
+def stock_model(tiny_tokenizer):
+    return set_trainable(build_llava_model(ModelConfig(preset="tiny"), tiny_tokenizer, seed=0), "full")
+
+
+def micro_batch_rows(rows, micro):
+    """Consecutive micro-batches of length-sorted rows, as the schedule cuts a global batch."""
+    ordered = sorted(rows, key=lambda row: -len(row["input_ids"]))
+    return [ordered[i : i + micro] for i in range(0, len(ordered), micro)]
+
+
+@pytest.mark.parametrize("kind", ["image_and_text", "text_only", "image_only"])
+def test_packed_and_padded_steps_give_the_same_loss_and_gradients(
+    stage2_rows, tiny_tokenizer, stock_model, kind
+):
+    text = [row for row in stage2_rows if not row["images"]]
+    image = [row for row in stage2_rows if row["images"]]
+    assert len(text) >= 3, "the synthetic stage-2 data has text-only samples"
+    rows = {"image_and_text": image[:5] + text[:3], "text_only": text[:4], "image_only": image[:6]}[kind]
+    groups = micro_batch_rows(rows, micro=3)
+    pad_id = tiny_tokenizer.pad_token_id
+    padded = [collate_rows(group, pad_id, IMAGE_SIZE) for group in groups]
+    packed = [pack_micro_batch(group, pad_id, IMAGE_SIZE) for group in groups]
+    # As the loop sets up packed training: per-sample attention without any mask.
+    packed_model = copy.deepcopy(stock_model)
+    use_segment_attention(packed_model.language_model)
+
+    padded_result, padded_grads = one_step(copy.deepcopy(stock_model), padded)
+    packed_result, packed_grads = one_step(packed_model, packed)
+
+    assert all(batch["input_ids"].shape[0] == 1 for batch in packed)
+    assert packed_result.samples == padded_result.samples == len(rows)
+    assert packed_result.supervised == padded_result.supervised
+    assert packed_result.tokens == packed_result.padded_tokens == padded_result.tokens
+    assert packed_result.image_positions == padded_result.image_positions
+    assert packed_result.loss_sum == pytest.approx(padded_result.loss_sum, rel=1e-5)
+    assert packed_result.grad_norm == pytest.approx(padded_result.grad_norm, rel=1e-4)
+    assert packed_grads.keys() == padded_grads.keys()
+    assert any(name.startswith("projector.") for name in packed_grads)
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ---- the loop -------------------------------------------------------------------------------------
+
+
+class ScheduledShard:
+    """What ``ray.train.get_dataset_shard`` hands a rank: its rows in schedule order, as numpy columns."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def iter_batches(self, batch_size, batch_format, prefetch_batches):
+        assert batch_format == "numpy"
+        for start in range(0, len(self.rows), batch_size):
+            chunk = self.rows[start : start + batch_size]
+            columns = {}
+            for key in ("input_ids", "labels", "images"):
+                column = np.empty(len(chunk), dtype=object)
+                column[:] = [
+                    np.asarray(row[key], dtype=object if key == "images" else np.int64) for row in chunk
+                ]
+                columns[key] = column
+            columns["seq"] = np.array([row["seq"] for row in chunk])
+            yield columns
+
+
+def test_the_loop_packs_exactly_the_scheduled_samples(stage2_rows, tiny_tokenizer, monkeypatch):
+    world_size, micro, global_batch = 2, 3, 12
+    config = load_config(
+        None,
+        [
+            "model.preset=tiny",
+            "train.packing=true",
+            f"train.global_batch_size={global_batch}",
+            f"train.micro_batch_size={micro}",
+            f"scaling.num_workers={world_size}",
+        ],
+    )
+    lengths = np.array([len(row["input_ids"]) for row in stage2_rows])
+    supervised = np.array([sum(label != IGNORE_INDEX for label in row["labels"][1:]) for row in stage2_rows])
+    is_image = np.array([bool(row["images"]) for row in stage2_rows])
+    schedule = build_schedule(
+        lengths,
+        is_image,
+        supervised,
+        global_batch_size=global_batch,
+        micro_batch_size=micro,
+        world_size=world_size,
+        epochs=1,
+        seed=0,
+    )
+    shards = {
+        f"rank{rank}": ScheduledShard(
+            [{**stage2_rows[r], "seq": seq} for seq, r in enumerate(schedule.rank_rows(rank))]
+        )
+        for rank in range(world_size)
+    }
+    monkeypatch.setattr(ray.train, "get_dataset_shard", shards.__getitem__)
+    model = SimpleNamespace(vision_tower=SimpleNamespace(config=SimpleNamespace(image_size=IMAGE_SIZE)))
+    pad_id = tiny_tokenizer.pad_token_id
+    accumulation = global_batch // (micro * world_size)
+
+    step_supervised = np.zeros(schedule.steps, dtype=np.int64)
+    for rank in range(world_size):
+        batches = list(micro_batches(config, rank, pad_id, model, skip_steps=0, world_size=world_size))
+        scheduled = schedule.rank_rows(rank).reshape(-1, micro)
+        assert len(batches) == len(scheduled) == schedule.steps * accumulation
+        for k, (batch, rows) in enumerate(zip(batches, scheduled, strict=True)):
+            assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch  # one packed row
+            assert int(batch["num_samples"]) == micro
+            expected = [stage2_rows[r] for r in rows]
+            found = split_packed_row(batch, image_token_id(tiny_tokenizer))
+            # The scheduled samples, whole, each with its own image; only their order in the row differs.
+            assert sorted(sample["input_ids"] for sample in found) == sorted(
+                list(row["input_ids"]) for row in expected
+            )
+            for sample in found:
+                row = next(row for row in expected if list(row["input_ids"]) == sample["input_ids"])
+                assert sample["labels"] == [IGNORE_INDEX, *row["labels"][1:]]
+                assert len(sample["images"]) == len(row["images"])
+                for tensor, data in zip(sample["images"], row["images"], strict=True):
+                    torch.testing.assert_close(tensor, image_to_tensor(data, IMAGE_SIZE), rtol=0, atol=0)
+            assert int(batch["num_supervised"]) == int(supervised[rows].sum())
+            step_supervised[k // accumulation] += int(batch["num_supervised"])
+        # Resuming after a step skips exactly that step's micro-batches.
+        resumed = list(micro_batches(config, rank, pad_id, model, skip_steps=1, world_size=world_size))
+        assert len(resumed) == len(batches) - accumulation
+        for batch, original in zip(resumed, batches[accumulation:], strict=True):
+            assert torch.equal(batch["input_ids"], original["input_ids"])
+    # The loss normalisation (the schedule's supervised tokens per step) still matches the batches.
+    assert step_supervised.tolist() == schedule.step_tokens.tolist()
+
+
+def split_packed_row(batch, placeholder_id):
+    """The samples of a one-row packed micro-batch (positions restart at each): input_ids, labels and
+    the image tensors its placeholders take, in the order the model splices them."""
+    (input_ids,), (labels,), (positions,) = batch["input_ids"], batch["labels"], batch["position_ids"]
+    starts = [*torch.nonzero(positions == 0).flatten().tolist(), len(positions)]
+    images = list(batch.get("pixel_values", []))
+    samples = []
+    for start, end in itertools.pairwise(starts):
+        ids = input_ids[start:end].tolist()
+        count = ids.count(placeholder_id) // IMAGE_POSITIONS
+        samples.append({"input_ids": ids, "labels": labels[start:end].tolist(), "images": images[:count]})
+        images = images[count:]
+    assert not images
+    return samples
