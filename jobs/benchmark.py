@@ -3,7 +3,8 @@
     python jobs/benchmark.py prepare [--samples 2000] [--workers W] [--workdir DIR]
     ray job submit --working-dir . -- python jobs/benchmark.py prepare --samples 20000
     python jobs/benchmark.py train [--preset tiny|llava-7b-stage1|stage2-1b] [--steps N]
-                                   [--device cpu|cuda] [--packing on|off] [--ray]
+                                   [--device cpu|cuda] [--packing on|off]
+                                   [--lm-head supervised|full] [--ray]
     ray job submit --working-dir . -- python jobs/benchmark.py train --preset stage2-1b --device cuda --ray
 
 ``prepare`` writes COCO-like photos (non-square JPEGs around 640x480) and a LLaVA JSON file, then
@@ -250,6 +251,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         device=args.device,
         packing=args.packing == "on",
         grouping=args.grouping,
+        lm_head=args.lm_head,
         smoke=args.smoke,
         seed=args.seed,
     )
@@ -303,7 +305,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", choices=("cpu", "cuda"), default="cpu", help="where to train (default cpu)"
     )
     train.add_argument(
-        "--packing", choices=("on", "off"), default="on", help="(b) packs its batch (default on)"
+        "--packing",
+        choices=("on", "off"),
+        default="on",
+        help="(b) packs each micro-batch into one row, as train.packing does (default on)",
+    )
+    train.add_argument(
+        "--lm-head",
+        choices=("supervised", "full"),
+        default="supervised",
+        help="(b)'s LM head: only at supervised positions, as training runs it (default), or everywhere",
     )
     train.add_argument(
         "--grouping",

@@ -7,16 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from llava_ray.model.llava import token_loss_sum
 from llava_ray.model.templates import IGNORE_INDEX
 from llava_ray.training.benchmark import (
     LLAVA_665K_MIX,
     TrainBenchOptions,
     grouped_micro_batches,
     run_train_benchmark,
-    supervised_token_loss,
     synthetic_rows,
 )
 
@@ -59,23 +56,6 @@ def test_grouped_micro_batches_keep_modalities_apart():
         assert grouped_micro_batches([5, 7], [True, True], 2, grouping) == [[1, 0]]
 
 
-def test_supervised_token_loss_equals_the_full_loss():
-    torch.manual_seed(0)
-    hidden = torch.randn(2, 7, 16, requires_grad=True)
-    head = torch.nn.Linear(16, 11, bias=False)
-    labels = torch.randint(0, 11, (2, 7))
-    labels[0, :4] = IGNORE_INDEX
-    labels[1, 5:] = IGNORE_INDEX
-    loss, count = supervised_token_loss(hidden, head, labels)
-    (grad_hidden,) = torch.autograd.grad(loss, hidden, retain_graph=True)
-    grad_head = torch.autograd.grad(loss, head.weight)[0]
-    expected, expected_count = token_loss_sum(head(hidden), labels)
-    torch.testing.assert_close(loss, expected)
-    assert int(count) == int(expected_count) == int((labels[:, 1:] != IGNORE_INDEX).sum())
-    torch.testing.assert_close(grad_hidden, torch.autograd.grad(expected, hidden, retain_graph=True)[0])
-    torch.testing.assert_close(grad_head, torch.autograd.grad(expected, head.weight)[0])
-
-
 def test_gpu_presets_need_a_gpu_or_smoke():
     with pytest.raises(ValueError, match=r"preset 'stage2-1b' is sized for a GPU; run it with --device cuda"):
         run_train_benchmark(TrainBenchOptions(preset="stage2-1b", device="cpu"))
@@ -103,3 +83,6 @@ def test_train_benchmark_runs_and_ends_with_one_json_line():
     assert figures["baseline"]["step_supervised"] == figures["llava_ray"]["step_supervised"]
     assert figures["baseline"]["step_samples"] == figures["llava_ray"]["step_samples"] == 32
     assert figures["llava_ray"]["padding_fraction"] < figures["baseline"]["padding_fraction"]
+    # As training packs: each of (a)'s micro-batches becomes one row, the LM head only where supervised.
+    assert figures["baseline"]["step_micro_batches"] == figures["llava_ray"]["step_micro_batches"]
+    assert figures["packing"] and figures["lm_head"] == "supervised"

@@ -17,13 +17,15 @@ measured steps alternate (a, b, a, b, ...) so that load from other processes wei
     sorted mega-batch over its micro-batches to balance them (``split_to_even_chunks``), which
     pads more; ``--grouping llava`` reproduces that. The default is the kinder of the two, so the
     ratio is conservative.
-(b) ``llava_ray``: ``train_step`` with ``PlainEngine`` over our ``LlavaModel`` and the same AdamW.
-    With ``--packing on`` (default) the global batch is packed first-fit decreasing into micro-
-    batches of one row each, no longer than (a)'s largest padded micro-batch (so (b) needs no more
-    activation memory than (a)). Attention runs per sample (``packing.use_segment_attention``)
-    and the LM head and cross-entropy run only at supervised positions (``supervised_token_loss``:
-    no full [tokens, vocab] fp32 logits). ``--packing off`` trains (a)'s padded micro-batches with
-    the same attention and loss, which shows what packing itself adds.
+(b) ``llava_ray``: ``train_step`` with ``PlainEngine`` over our ``LlavaModel`` and the same AdamW,
+    as the training loop runs it: with ``--packing on`` (default, as ``train.packing``) each of
+    (a)'s micro-batches becomes one packed row (``packing.pack_micro_batch``: the same samples per
+    micro-batch, no padding, never more positions than (a)'s micro-batch). Attention runs per
+    sample (``packing.use_segment_attention``) and the LM head and cross-entropy run only at
+    supervised positions (``LlavaModel.forward`` with ``return_logits=False``: no full
+    [tokens, vocab] fp32 logits). ``--packing off`` trains (a)'s padded micro-batches with the
+    same attention and loss, which shows what packing itself adds; ``--lm-head full`` computes the
+    logits everywhere, which shows what the supervised-only head adds.
 
 The data: LLaVA-1.5's 665K mix, by sample kind (shares of the 665K, lengths in Llama tokens at
 ``length_scale`` 1; the vicuna_v1 system prompt is 36 tokens and each turn adds 7 role tokens):
@@ -50,18 +52,20 @@ activations, gradients, temporaries), and MFU against 989 TFLOP/s bf16
 process CPU second) as well, since on a loaded machine wall-clock figures move with others' load.
 The last line printed is one JSON object with every figure.
 
-Measured on the tiny preset (AMD EPYC, 2 cores shared with other jobs, fp32, 32 samples: 22 vqa,
-8 instruct, 2 sharegpt, 82-512 tokens; 5 steps after 1 warm-up; wall and CPU-time ratios agreed
-within 0.01): one thread, (a) 1480-1580 supervised tok/s at 12% padding, (b) 1810-1880 at 0%,
-ratio 1.19-1.23; against LLaVA's own sampler (``--grouping llava``, 23% padding) 1.35-1.37; two
-threads 1.09 and 1.24. Peak memory is level (about +0.1 GiB over each step's start). ``--packing
-off`` gives 1.03: on this model the supervised-only loss saves little (its vocabulary is 704),
-packing with per-sample attention gives the rest. The tiny LM is compute-bound on the CPU (matmuls
-about 53% of a step, attention 19%, norms and rotary 9%), so (b) can save only padding, masked
-attention blocks and unsupervised logits: about 20% of (a)'s FLOPs. The 1.5x goal is not met on
-this CPU; on GPUs the same savings weigh more (dense masked SDPA against flash kernels per
-sample, and full fp32 logits over a 32K vocabulary), which the GPU presets are there to measure
-(not run yet: no GPU was available when this was written).
+Measured on the tiny preset (AMD EPYC, 2 cores shared with other jobs, one thread, fp32, 32
+samples: 22 vqa, 8 instruct, 2 sharegpt, 82-512 tokens; 5 steps after 1 warm-up; wall and
+CPU-time ratios agreed within 0.01): (a) 1620-1770 supervised tok/s at 12% padding, (b)
+2010-2130 at 0%, ratio 1.19-1.25; against LLaVA's own sampler (``--grouping llava``, 23% padding)
+1.37-1.40. ``--packing off`` gives 1.03-1.10 and ``--lm-head full`` 1.13-1.14, so packing and the
+supervised-only head both pay and training uses both. Peak memory is level (about +0.08 GiB over
+each step's start for (b), +0.10 for (a)). Packing the whole global batch into fewer, fuller rows
+instead of each micro-batch into one row measured the same (1.16-1.42 by grouping) with more
+memory. The tiny LM is compute-bound on the CPU (matmuls about 53% of a step, attention 19%,
+norms and rotary 9%), so (b) can save only padding, masked attention blocks and unsupervised
+logits: about 20% of (a)'s FLOPs. The 1.5x goal is not met on this CPU; on GPUs the same savings
+weigh more (dense masked SDPA against flash kernels per sample, and full fp32 logits over a 32K
+vocabulary), which the GPU presets are there to measure (not run yet: no GPU was available when
+this was written).
 """
 
 from __future__ import annotations
@@ -78,7 +82,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
@@ -90,7 +93,7 @@ from llava_ray.model.templates import IGNORE_INDEX
 from llava_ray.model.tokenizer import TINY_TOKENIZER_DIR
 from llava_ray.training.collate import collate_rows
 from llava_ray.training.metrics import FlopsModel, peak_flops
-from llava_ray.training.packing import pack_micro_batches, use_segment_attention
+from llava_ray.training.packing import pack_micro_batch, use_segment_attention
 from llava_ray.training.step import PlainEngine, move_inputs, train_step
 
 GOAL_RATIO = 1.5
@@ -284,6 +287,7 @@ class TrainBenchOptions:
     device: str = "cpu"
     packing: bool = True
     grouping: Literal["sorted", "llava"] = "sorted"
+    lm_head: Literal["supervised", "full"] = "supervised"  # (b)'s LM head: supervised positions or all
     smoke: bool = False  # shrink model and batch (SMOKE), bf16: checks a GPU preset's code path anywhere
     seed: int = 0
 
@@ -339,54 +343,20 @@ def split_to_even_chunks(indices: Sequence[int], lengths: Sequence[int], count: 
     return chunks
 
 
-# ---- (b)'s loss: the LM head only where a label carries a loss ---------------------------------
+# ---- (b)'s LM head ------------------------------------------------------------------------------
 
 
-def supervised_token_loss(
-    hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``token_loss_sum`` without the full logits: the head and fp32 cross-entropy run only on the
-    positions whose next label is supervised (in LLaVA's data a minority: answers, not prompts,
-    images or padding), so no [tokens, vocab] fp32 tensor is ever built. Same value and gradients.
-    """
-    targets = labels[:, 1:].to(hidden.device)
-    keep = targets != IGNORE_INDEX
-    logits = head(hidden[:, :-1][keep]).float()
-    return F.cross_entropy(logits, targets[keep], reduction="sum"), keep.sum()
-
-
-class SupervisedLossLlava(nn.Module):
-    """``LlavaModel`` whose training forward uses :func:`supervised_token_loss` (no logits returned).
-
-    Staged here for the benchmark; it belongs in ``LlavaModel.forward`` (see the integration notes
-    in the report): embed, run the LM's decoder, then the loss on the supervised positions.
-    """
+class FullLogits(nn.Module):
+    """``LlavaModel`` with the LM head at every position (``--lm-head full``), to measure what the
+    supervised-only head that training uses (``return_logits=False``) saves."""
 
     def __init__(self, model: LlavaModel):
         super().__init__()
         self.model = model
         self.image_positions = model.image_positions
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        labels: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        loss_reduction: Literal["sum"] = "sum",
-    ) -> LlavaOutput:
-        if loss_reduction != "sum":
-            raise ValueError(f"loss_reduction={loss_reduction!r}: this training forward returns the sum only")
-        model = self.model
-        embeds = model.embed_inputs(input_ids, pixel_values)
-        decoder = model.language_model.get_decoder()
-        hidden = decoder(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
-        labels = labels.masked_fill(input_ids == model.image_token_id, IGNORE_INDEX)
-        loss, count = supervised_token_loss(hidden, model.language_model.get_output_embeddings(), labels)
-        return LlavaOutput(loss=loss, num_supervised_tokens=count)
+    def forward(self, **inputs: Any) -> LlavaOutput:
+        return self.model(**{**inputs, "return_logits": True})
 
 
 # ---- memory ------------------------------------------------------------------------------------
@@ -492,10 +462,10 @@ def hf_contender(
 
 
 def llava_ray_contender(
-    model: LlavaModel, batches: list[dict[str, torch.Tensor]], device: torch.device
+    model: LlavaModel, batches: list[dict[str, torch.Tensor]], device: torch.device, lm_head: str
 ) -> Contender:
-    """(b): ``train_step`` over ``PlainEngine`` with the supervised-only loss."""
-    module = SupervisedLossLlava(model)
+    """(b): ``train_step`` over ``PlainEngine``, as the training loop runs it."""
+    module = FullLogits(model) if lm_head == "full" else model
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE)
     engine = PlainEngine(
@@ -591,13 +561,16 @@ def run_train_benchmark(options: TrainBenchOptions) -> dict[str, Any]:
     # (b) trains a copy with its own attention implementation; (a) stays stock.
     ours = copy.deepcopy(model)
     use_segment_attention(ours.language_model)  # exact on padded batches too (it defers to SDPA there)
-    if options.packing:
-        # No micro-batch larger than (a)'s largest, so (b) needs no more activation memory.
-        budget = max(max(lengths), max(batch["input_ids"].numel() for batch in padded))
-        ours_batches = pack_micro_batches(rows, budget, tokenizer.pad_token_id, image_size)
+    if options.packing:  # as train.packing: each of (a)'s micro-batches as one packed row
+        ours_batches = [
+            pack_micro_batch([rows[i] for i in group], tokenizer.pad_token_id, image_size) for group in groups
+        ]
     else:
         ours_batches = padded
-    contenders = [hf_contender(model, padded, device), llava_ray_contender(ours, ours_batches, device)]
+    contenders = [
+        hf_contender(model, padded, device),
+        llava_ray_contender(ours, ours_batches, device, options.lm_head),
+    ]
     memory = PeakMemory(device)
     for contender in contenders:  # warm-up: allocator, kernels, optimizer state
         for _ in range(options.warmup):
@@ -670,6 +643,7 @@ def _figures(
         "packing": options.packing,
         "smoke": options.smoke,
         "grouping": options.grouping,
+        "lm_head": options.lm_head,
         "steps": options.steps,
         "warmup": options.warmup,
         "global_batch_size": preset.global_batch_size,
