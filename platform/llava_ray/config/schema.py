@@ -192,7 +192,10 @@ class TrainConfig(Section):
     group_by_modality_length: bool = Field(
         True, description="LLaVA-1.5's batching: batches of one modality, grouped by length."
     )
-    packing: bool = Field(False, description="Pack several samples per row with per-sample attention.")
+    packing: bool = Field(
+        True,
+        description="Pack each micro-batch's samples into one row with per-sample attention (no padding, same loss).",
+    )
     freeze_vision_tower: bool = Field(True, description="Keep the vision encoder frozen (LLaVA: always).")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings when trainable is lora.")
     log_every_steps: int = Field(1, gt=0, description="Progress line and metrics every N steps.")
