@@ -233,8 +233,22 @@ cmd_stop() {
         echo "$leftovers" | cut -d: -f1 | xargs -r kill -KILL 2>/dev/null || true
         sleep 1
     fi
+    forget_cluster_address
     rm -f "$pid_file"
     log "stopped"
+}
+
+# `ray start` records its GCS address in /tmp/ray/ray_current_cluster and a plain `ray.init()`
+# connects there; once this head is gone that record would make it wait on a dead address. Remove
+# it only when it still names this head's GCS port.
+forget_cluster_address() {
+    local record="${RAY_TMPDIR:-/tmp/ray}/ray_current_cluster"
+    [[ -f "$ports_file" && -f "$record" ]] || return 0
+    local gcs_port
+    gcs_port="$(sed -n 's/^GCS_PORT=//p' "$ports_file")"
+    if [[ -n "$gcs_port" ]] && grep -Eq ":${gcs_port}\$" "$record"; then
+        rm -f "$record"
+    fi
 }
 
 # Start time of a process (field 22 of /proc/PID/stat, in clock ticks since boot). The command

@@ -345,5 +345,8 @@ def test_stop_leaves_nothing_running(head: LocalHead) -> None:
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", head.dashboard_port), timeout=5).close()
     assert port_is_free(head.dashboard_port) and port_is_free(head.gcs_port)
+    # A plain ray.init() follows /tmp/ray/ray_current_cluster: it must not name the stopped head.
+    record = Path(head.env.get("RAY_TMPDIR", "/tmp/ray")) / "ray_current_cluster"
+    assert not (record.exists() and record.read_text().strip().endswith(f":{head.gcs_port}"))
     status = local_sh("status", "--dir", str(head.state_dir), env=head.env, timeout=60)
     assert status.returncode == 1 and "not running" in status.stdout
