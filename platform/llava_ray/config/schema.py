@@ -199,6 +199,16 @@ class TrainConfig(Section):
     freeze_vision_tower: bool = Field(True, description="Keep the vision encoder frozen (LLaVA: always).")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings when trainable is lora.")
     log_every_steps: int = Field(1, gt=0, description="Progress line and metrics every N steps.")
+    val_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Share of the prepared samples held out for a validation loss (0: none)."
+    )
+    val_max_samples: int = Field(512, gt=0, description="At most this many held-out validation samples.")
+    eval_every_steps: int | None = Field(
+        None, gt=0, description="Validation loss every N steps (always at the end) when val_fraction > 0."
+    )
+    save_final_model: bool = Field(
+        True, description="Write the consolidated final model and HF export (sweep trials turn it off)."
+    )
 
 
 class DeepSpeedConfig(Section):
@@ -330,6 +340,11 @@ def cross_section_problems(config: LlavaRayConfig) -> list[str]:
         problems.append(
             "data.template='plain' with train.stage='finetune': 'plain' drops the instructions; "
             "use vicuna_v1 (LLaVA-1.5) or another chat template"
+        )
+    if train.eval_every_steps and not train.val_fraction:
+        problems.append(
+            f"train.eval_every_steps={train.eval_every_steps} without a validation split; "
+            "set train.val_fraction (e.g. 0.05) or remove train.eval_every_steps"
         )
     per_step = train.micro_batch_size * config.scaling.num_workers
     if train.global_batch_size % per_step:

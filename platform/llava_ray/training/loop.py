@@ -37,6 +37,7 @@ from llava_ray.training.final import save_final_model
 from llava_ray.training.metrics import FlopsModel, StepMetrics, format_progress, peak_flops
 from llava_ray.training.packing import pack_micro_batch, use_segment_attention
 from llava_ray.training.step import StepResult, train_step
+from llava_ray.training.validation import Validation
 from llava_ray.utils.faults import maybe_inject_fault
 
 CHECKPOINT_TAG = "state"
@@ -78,6 +79,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             + (f", resuming at step {state.step}" if state.step else ""),
             flush=True,
         )
+    validation = Validation(
+        config, rank, tokenizer.pad_token_id, model.vision_tower.config.image_size, total_steps
+    )
     flops = FlopsModel.of(model)
     accumulation = accumulation_steps(config, world_size)
     started = time.time()
@@ -101,19 +105,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         state.samples_seen += metrics.samples
         state.loss_first = metrics.loss if state.loss_first is None else state.loss_first
         state.loss_last = metrics.loss
+        report = {**metrics.as_dict(state.step), "total_steps": total_steps}
         tracker.log_metrics(metrics.as_dict(state.step), step=state.step)  # a no-op off rank 0
+        if validation.due(state.step):
+            validated = validation.loss(engine, world_size, device)
+            report |= validated
+            tracker.log_metrics(validated, step=state.step)
+            if rank == 0:
+                print(f"[train] step {state.step}/{total_steps} val_loss {validated['val_loss']:.4f}", flush=True)
         if rank == 0 and (state.step % config.train.log_every_steps == 0 or state.step == total_steps):
             elapsed = time.time() - started
             eta = elapsed / (state.step - start_step) * (total_steps - state.step)
             print(format_progress(state.step, total_steps, metrics, eta), flush=True)
         every = config.checkpoint.every_n_steps
         if state.step < total_steps and every and state.step % every == 0:
-            save_checkpoint(engine, state, rank, metrics)
+            save_checkpoint(engine, state, rank, report)
         else:
-            ray.train.report(metrics.as_dict(state.step))
+            ray.train.report(report)
         maybe_inject_fault(config, rank, state.step)
-    save_checkpoint(engine, state, rank, metrics, final=True)
-    save_final_model(engine, model, tokenizer, config, rank)
+    save_checkpoint(engine, state, rank, report, final=True)
+    if config.train.save_final_model:
+        save_final_model(engine, model, tokenizer, config, rank)
 
 
 def setup_engine(
@@ -240,7 +252,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(
-    engine: Any, state: TrainState, rank: int, metrics: StepMetrics, final: bool = False
+    engine: Any, state: TrainState, rank: int, report: dict[str, Any], final: bool = False
 ) -> None:
     """Every rank writes its ZeRO shard and RNG state; Ray merges them into one checkpoint.
 
@@ -258,7 +270,7 @@ def save_checkpoint(
             "resumed_from_step": state.resumed_from_step,
         }
         ray.train.report(
-            {**metrics.as_dict(state.step), **summary, "final": final},
+            {**report, **summary, "final": final},
             checkpoint=ray.train.Checkpoint.from_directory(directory),
         )
 

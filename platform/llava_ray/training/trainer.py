@@ -29,6 +29,7 @@ from llava_ray.tracking.mlflow_tracking import Tracker, tracked_run
 from llava_ray.training.batching import Schedule, build_schedule
 from llava_ray.training.final import HF_DIR, final_model_uri
 from llava_ray.training.loop import train_loop_per_worker
+from llava_ray.training.validation import VAL_DATASET_PREFIX, split_validation, validation_plan
 from llava_ray.utils.storage import filesystem, is_remote
 
 INDEX_COLUMNS = ["row", "length", "modality", "num_supervised"]
@@ -151,18 +152,50 @@ def rank_datasets(
     }
 
 
-def run_train(config: LlavaRayConfig, parent_run_id: str | None = None) -> TrainResult:
-    """Train one stage on Ray Train, tracked as one MLflow run (a child of ``parent_run_id``)."""
+def validation_datasets(
+    dataset: ray.data.Dataset, plan: pd.DataFrame, world_size: int
+) -> dict[str, ray.data.Dataset]:
+    """``val{r}``: rank r's validation rows, read once here (the split is small) and held in memory.
+
+    Workers then only iterate blocks: no Ray Data tasks start inside a worker's placement group,
+    where a sweep trial's tasks could not be scheduled.
+    """
+    rows = dataset.map_batches(_attach_schedule, batch_format="pandas", fn_args=(plan,)).to_pandas()
+    return {
+        f"{VAL_DATASET_PREFIX}{rank}": ray.data.from_pandas(
+            rows.loc[rows["rank"] == rank].sort_values("seq").drop(columns="rank").reset_index(drop=True)
+        )
+        for rank in range(world_size)
+    }
+
+
+def run_train(
+    config: LlavaRayConfig,
+    parent_run_id: str | None = None,
+    callbacks: list[Any] | None = None,
+    extra_tags: dict[str, str] | None = None,
+) -> TrainResult:
+    """Train one stage on Ray Train, tracked as one MLflow run (a child of ``parent_run_id``).
+
+    ``callbacks`` go to Ray Train's ``RunConfig`` (a Tune sweep passes its report callback).
+    """
     problems = train_problems(config)
     if problems:
         raise ConfigError(problems)
-    with tracked_run(config, "train", parent_run_id, run_name=config.run.name) as tracker:
+    with tracked_run(
+        config, "train", parent_run_id, run_name=config.run.name, extra_tags=extra_tags
+    ) as tracker:
         if not ray.is_initialized():
             ray.init()
+        context = ray.data.DataContext.get_current()
+        context.execution_options.preserve_order = True
+        context.enable_progress_bars = False  # per-worker bars flood job logs; the progress line says it all
         dataset, report = training_dataset(config)
         tracker.log_dict(report, "data_report.json")
-        result = _fit(config, tracker, dataset)
+        result = _fit(config, tracker, dataset, callbacks or [])
         tracker.log_loss_curve()
+        if not config.train.save_final_model:
+            return result
         tracker.set_tags({"llava_ray.final_model": result.final_model})
         if not is_remote(result.final_model):
             hf_export = Path(result.final_model) / HF_DIR
@@ -171,18 +204,22 @@ def run_train(config: LlavaRayConfig, parent_run_id: str | None = None) -> Train
         return result
 
 
-def _fit(config: LlavaRayConfig, tracker: Tracker, dataset: ray.data.Dataset) -> TrainResult:
-    context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True
-    context.enable_progress_bars = False  # per-worker bars flood job logs; the progress line says it all
+def _fit(
+    config: LlavaRayConfig, tracker: Tracker, dataset: ray.data.Dataset, callbacks: list[Any]
+) -> TrainResult:
     index = dataset.select_columns(INDEX_COLUMNS).to_pandas().sort_values("row", ignore_index=True)
+    index, validation = split_validation(index, config)
     schedule = schedule_for(config, index)
     world_size = config.scaling.num_workers
     print(
         f"[train] {len(index)} prepared samples -> {schedule.steps} steps of {config.train.global_batch_size} "
-        f"({schedule.dropped_per_epoch} per epoch left out of incomplete global batches)",
+        f"({schedule.dropped_per_epoch} per epoch left out of incomplete global batches)"
+        + (f"; {len(validation)} held out for validation" if len(validation) else ""),
         flush=True,
     )
+    datasets = rank_datasets(dataset, assignments(index, schedule), world_size)
+    if len(validation):
+        datasets |= validation_datasets(dataset, validation_plan(validation, world_size), world_size)
     storage_path, storage_filesystem = ray_storage(config.run.storage_path)
     use_gpu = config.scaling.use_gpu
     if use_gpu == "auto":
@@ -209,8 +246,9 @@ def _fit(config: LlavaRayConfig, tracker: Tracker, dataset: ray.data.Dataset) ->
             storage_filesystem=storage_filesystem,
             failure_config=ray.train.FailureConfig(max_failures=config.scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.keep_last),
+            callbacks=callbacks,
         ),
-        datasets=rank_datasets(dataset, assignments(index, schedule), world_size),
+        datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
     result = trainer.fit()
