@@ -52,6 +52,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from llava_ray.config.sweep import load_sweep
+    from llava_ray.tuning import run_sweep
+
+    run_sweep(*load_sweep(args.config, args.overrides))
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from llava_ray.evaluation import run_evaluate
 
@@ -120,7 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(
         add("train", cmd_train, "train one stage (pretrain or finetune) on Ray Train + DeepSpeed")
     )
-
+    tune = add(
+        "tune", cmd_tune, "sweep stage-job settings (projector, learning rate, ...) with Ray Tune and ASHA"
+    )
+    tune.add_argument("--config", required=True, help="sweep YAML (see jobs/sweeps/)")
+    tune.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="sweep.<key>=value for the sweep file (sweep.num_samples=4), any other key for every trial's stage config",
+    )
     _add_config_arguments(
         add(
             "evaluate",

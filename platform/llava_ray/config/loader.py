@@ -7,6 +7,7 @@ its value and the fix: a typo is an error with a "did you mean" hint, never sile
 from __future__ import annotations
 
 import difflib
+import typing
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -146,12 +147,15 @@ def flatten_config(config: LlavaRayConfig) -> dict[str, Any]:
     return flat
 
 
-def describe_error(error: dict[str, Any]) -> str:
-    """One line for one pydantic error: the dotted key, the value and the fix."""
+def describe_error(error: dict[str, Any], root: type[BaseModel] | None = None) -> str:
+    """One line for one pydantic error: the dotted key, the value and the fix.
+
+    ``root`` is the model validated (default: :class:`LlavaRayConfig`), for naming valid keys.
+    """
     loc = [str(part) for part in error["loc"]]
     key = ".".join(loc) or "<root>"
     if error["type"] == "extra_forbidden":
-        return f"{key}: unknown key. {_unknown_key_fix(loc)}"
+        return f"{key}: unknown key. {_unknown_key_fix(loc, root or LlavaRayConfig)}"
     message = error["msg"].removeprefix("Value error, ")
     value = error.get("input")
     if isinstance(value, dict):  # a whole section: its keys are named in the message
@@ -159,14 +163,17 @@ def describe_error(error: dict[str, Any]) -> str:
     return f"{key} = {value!r}: {message}"
 
 
-def _unknown_key_fix(loc: list[str]) -> str:
+def _unknown_key_fix(loc: list[str], root: type[BaseModel]) -> str:
     """Suggest the closest valid key of the section the unknown key sits in."""
-    model: type[BaseModel] | None = LlavaRayConfig
+    model: type[BaseModel] | None = root
+    skip_key = False
     for part in loc[:-1]:
-        if model is None or part.isdigit():
+        if model is None or part.isdigit() or skip_key:
+            skip_key = False
             continue
         field = model.model_fields.get(part)
         model = _section_model(field.annotation) if field else None
+        skip_key = field is not None and typing.get_origin(field.annotation) is dict  # next: a free-form key
     if model is None:
         return "Remove it."
     valid = list(model.model_fields)

@@ -244,10 +244,12 @@ def tracked_run(
     parent_run_id: str | None = None,
     run_name: str | None = None,
     extra_tags: Mapping[str, str] | None = None,
+    resume_run_id: str | None = None,
 ) -> Iterator[Tracker]:
     """Start the MLflow run of one job: params (redacted), tags, the resolved config as an artifact.
 
     The run ends FINISHED, or FAILED when the job raises. Untracked runs yield a no-op tracker.
+    ``resume_run_id`` reopens that run (a resumed sweep) when the store still has it.
     """
     uri = check_tracking(config)
     if uri is None:
@@ -272,20 +274,37 @@ def tracked_run(
         **({"ray.job_submission_id": ray_job_submission_id()} if ray_job_submission_id() else {}),
         **(extra_tags or {}),
     }
-    run = client.create_run(experiment_id, tags=tags, run_name=tags["mlflow.runName"])
-    tracker = Tracker(uri, run.info.run_id)
-    from mlflow.entities import Param
+    resumed = _existing_run(client, resume_run_id)
+    if resumed:
+        client.update_run(resumed, status="RUNNING")
+        tracker = Tracker(uri, resumed)
+        tracker.set_tags({"llava_ray.resumed": "true"})
+    else:
+        run = client.create_run(experiment_id, tags=tags, run_name=tags["mlflow.runName"])
+        tracker = Tracker(uri, run.info.run_id)
+        from mlflow.entities import Param
 
-    params = [Param(k, v) for k, v in redact(flatten_config(config)).items()]
-    for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-        client.log_batch(tracker.run_id, params=params[start : start + 100])
-    tracker.log_text(redact_yaml(config), "config.yaml")
+        params = [Param(k, v) for k, v in redact(flatten_config(config)).items()]
+        for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+            client.log_batch(tracker.run_id, params=params[start : start + 100])
+        tracker.log_text(redact_yaml(config), "config.yaml")
     status = "FAILED"
     try:
         yield tracker
         status = "FINISHED"
     finally:
         client.set_terminated(tracker.run_id, status=status)
+
+
+def _existing_run(client: Any, run_id: str | None) -> str | None:
+    if not run_id:
+        return None
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id).info.run_id
+    except MlflowException:
+        return None  # the store was reset: start afresh
 
 
 def redact_yaml(config: LlavaRayConfig) -> str:
