@@ -80,8 +80,10 @@ def run_pipeline(
     name: str = "pipeline",
     reuse_prepared: bool = False,
     evaluate: Callable[[str, str | None], Any] | None = None,
+    generate: LlavaRayConfig | None = None,
 ) -> PipelineResult:
-    """Prepare both stages' data, train stage 1, train stage 2 from it, then ``evaluate(model, parent)``."""
+    """Generate instruction data (with ``generate``), prepare both stages' data, train stage 1, train
+    stage 2 from it, then ``evaluate(model, parent)``."""
     with tracked_run(pretrain, "pipeline", run_name=name) as parent:
         outcome = PipelineResult(parent.run_id)
 
@@ -92,6 +94,8 @@ def run_pipeline(
             outcome.stages.append(StageOutcome(stage, time.time() - started, result))
             return result
 
+        if generate is not None:
+            timed("generate-data", lambda: generate_job(generate, parent.run_id))
         for stage_name, config in (("prepare-pretrain", pretrain), ("prepare-finetune", finetune)):
             timed(stage_name, lambda c=config: prepare_job(c, parent.run_id, reuse=reuse_prepared))
         stage1: TrainResult = timed("pretrain", lambda: run_train(pretrain, parent.run_id))
