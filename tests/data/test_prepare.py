@@ -468,6 +468,30 @@ def test_weight_sampling_is_fixed_by_the_seed(
 # --- the report (no Ray) --------------------------------------------------------------------
 
 
+def test_steady_state_leaves_out_each_workers_first_batch(monkeypatch) -> None:
+    clock = iter([0.0, 5.0, 6.0, 7.0, 9.0])
+    monkeypatch.setattr("llava_ray.data.report.time.monotonic", lambda: next(clock))
+    builder = ReportBuilder(["a"])
+
+    def batch(first_row: int, count: int, worker: str, cpu: float) -> None:
+        rows = [Written(row, 0, 10, 1) for row in range(first_row, first_row + count)]
+        builder.add((), rows, (worker, cpu))
+
+    batch(0, 4, "w1", 4.0)  # t=0: w1 starts (its start-up in its CPU)
+    assert builder.steady_state() is None
+    batch(4, 4, "w2", 5.0)  # t=5: w2 starts: steady from here
+    batch(8, 4, "w1", 5.0)  # t=6: w1 used 1 CPU s for 4 samples
+    batch(12, 4, "w2", 7.0)  # t=7: w2 used 2 CPU s for 4
+    batch(16, 2, "w1", 6.0)  # t=9: w1 used 1 more for 2
+    assert builder.counts()["steady_state"] == {
+        "samples": 10,  # finished after t=5, over 4 s
+        "seconds": 4.0,
+        "samples_per_s": 2.5,
+        "cpu_samples": 10,
+        "worker_cpu_s": 4.0,  # w1 6-4, w2 7-5
+    }
+
+
 def test_report_counts_each_row_once_and_must_balance() -> None:
     builder = ReportBuilder(["a.jsonl", "b.json"])
     skips = [Skip(0, 0, "missing_image", "s0", 2), Skip(1, 1, "malformed_json", "b.json[1]")]
