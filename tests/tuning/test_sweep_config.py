@@ -38,29 +38,17 @@ def test_tiny_sweep_loads_with_trial_settings_applied_to_the_base():
 
 
 def test_every_bad_key_and_search_value_is_reported_in_one_error(tmp_path):
-    path = write_sweep(
-        tmp_path,
-        metirc="val_loss",
-        search_space={
-            "train.learning_rate": {"grid": [1e-3, -1.0]},
-            "model.projecter": {"choice": ["linear"]},
-            "model.projector": {"choice": ["linear", "mlp2x_gelu", "conv"]},
-        },
-    )
+    bad_space = {
+        "train.learning_rate": {"grid": [1e-3, -1.0]},
+        "model.projecter": {"choice": ["linear"]},
+        "model.projector": {"choice": ["linear", "mlp2x_gelu", "conv"]},
+    }
     with pytest.raises(ConfigError) as raised:
-        load_sweep(path)
+        load_sweep(write_sweep(tmp_path, metirc="val_loss", search_space=bad_space))
     assert len(raised.value.problems) == 1  # the sweep file itself is checked first
     assert raised.value.problems[0].startswith("metirc: unknown key. Did you mean 'metric'?")
-    path = write_sweep(
-        tmp_path,
-        search_space={
-            "train.learning_rate": {"grid": [1e-3, -1.0]},
-            "model.projecter": {"choice": ["linear"]},
-            "model.projector": {"choice": ["linear", "mlp2x_gelu", "conv"]},
-        },
-    )
     with pytest.raises(ConfigError) as raised:
-        load_sweep(path)
+        load_sweep(write_sweep(tmp_path, search_space=bad_space))
     problems = "\n".join(raised.value.problems)
     assert "search_space.train.learning_rate value -1.0: train.learning_rate = -1.0" in problems
     assert (
