@@ -202,7 +202,7 @@ def run_sweep(sweep: SweepConfig, base: LlavaRayConfig) -> SweepResult:
             )
         grid = tuner.fit()
         table = results_table(grid, sweep)
-        close_stopped_trials(parent, sweep)
+        close_killed_trials(parent, table)
         best = grid.get_best_result(metric=sweep.metric, mode=sweep.mode, scope="all")
         best_config = best_config_for(base, best.config, sweep)
         best_path = f"{fs_path}/{BEST_CONFIG}"
@@ -303,15 +303,19 @@ def format_table(table: pd.DataFrame, sweep: SweepConfig) -> str:
     return f"[tune] sweep {sweep.name} ({sweep.mode} {sweep.metric}):\n" + shown.to_string(index=False)
 
 
-def close_stopped_trials(parent: Any, sweep: SweepConfig) -> None:
-    """Trials ASHA stopped were killed mid-run: mark their MLflow runs KILLED (not left RUNNING)."""
+def close_killed_trials(parent: Any, table: pd.DataFrame) -> None:
+    """Trial runs a kill left RUNNING in MLflow end KILLED: tagged ``stopped_early`` when ASHA stopped
+    the trial, ``interrupted`` when an earlier, interrupted sweep left them (a resumed trial has a
+    run of its own)."""
     if not parent.enabled:
         return
     client = parent.client
+    stopped = set(table.loc[table["stopped_early"], "trial_id"])
     run = client.get_run(parent.run_id)
     for child in client.search_runs(
         [run.info.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}' and attributes.status = 'RUNNING'",
     ):
-        client.set_tag(child.info.run_id, "llava_ray.stopped_early", "true")
+        reason = "stopped_early" if child.data.tags.get("llava_ray.trial_id") in stopped else "interrupted"
+        client.set_tag(child.info.run_id, f"llava_ray.{reason}", "true")
         client.set_terminated(child.info.run_id, status="KILLED")
