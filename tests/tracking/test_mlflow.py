@@ -140,16 +140,30 @@ def check_training_run(client: MlflowClient, name: str) -> str:
 
 
 @pytest.mark.integration
-def test_training_run_on_a_real_server_with_local_artifacts(tmp_path, synthetic, ray_cluster, get_free_port):
+def test_prepare_run_on_a_real_server_with_local_artifacts(tmp_path, synthetic, ray_cluster, get_free_port):
+    """A real server storing artifacts on its local disk; a training job on one is tested with S3 below."""
     port = get_free_port()
     server = start_mlflow_server(tmp_path, port, str(tmp_path / "artifacts"))
     try:
         uri = f"http://127.0.0.1:{port}"
         config = tiny_pretrain(synthetic, "tracked-local", f"tracking.uri={uri}")
-        prepare_job(config)
-        run_train(config)
-        check_training_run(MlflowClient(uri), "tracked-local")
-        assert any((tmp_path / "artifacts").rglob("loss_curve.png"))
+        report = prepare_job(config)
+        client = MlflowClient(uri)
+        runs = client.search_runs(
+            [e.experiment_id for e in client.search_experiments()],
+            "attributes.run_name = 'tracked-local-prepare'",
+        )
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+        run = runs[0]
+        assert (
+            run.data.metrics["written"] == report["written"] > 0
+            and run.data.metrics["input"] == report["input"]
+        )
+        assert run.data.params["model.lm_config_overrides.hf_token"] == "***"
+        assert run.data.tags["llava_ray.job"] == "prepare"
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.yaml", "data_report.json"}
+        assert {path.name for path in (tmp_path / "artifacts").rglob("*.json")} == {"data_report.json"}
+        assert SECRET not in next((tmp_path / "artifacts").rglob("config.yaml")).read_text()
     finally:
         stop_server(server)
 
