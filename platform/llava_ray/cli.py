@@ -95,9 +95,10 @@ def cmd_build_tokenizer(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from llava_ray.demo import run_demo
+    from llava_ray.demo import DEMO_SAMPLES, run_demo
 
-    run_demo(args.workdir, samples=args.samples, seed=args.seed)
+    samples = DEMO_SAMPLES if args.samples is None else args.samples
+    run_demo(args.workdir, samples=samples, seed=args.seed)
     return 0
 
 
@@ -164,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--workdir", default="demo_run", help="where data, runs and summary go (default demo_run)"
     )
-    demo.add_argument("--samples", type=int, default=400, help="synthetic training images (default 400)")
+    demo.add_argument(
+        "--samples", type=int, default=None, help="synthetic training images (default: the demo's, 1000)"
+    )
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
     tokenizer = add("build-tokenizer", cmd_build_tokenizer, "retrain the tiny preset's tokenizer")

@@ -122,8 +122,8 @@ def test_stage1_plain_writes_every_caption(stage1: tuple[LlavaRayConfig, dict]) 
         assert row["length"] == len(input_ids) == len(labels) <= 256
         assert row["num_supervised"] == sum(label != IGNORE_INDEX for label in labels) > 0
         assert len(row["images"]) == 1 and bytes(row["images"][0])[:3] == b"\xff\xd8\xff"
-        # plain: <s>, 64 image positions, then the caption (supervised) and "\n".
-        assert labels[: 1 + 64] == [IGNORE_INDEX] * 65 and labels[-1] != IGNORE_INDEX
+        # plain: <s>, 16 image positions, then the caption (supervised) and "\n".
+        assert labels[: 1 + 16] == [IGNORE_INDEX] * 17 and labels[-1] != IGNORE_INDEX
     assert sum(report["length_histogram"].values()) == SAMPLES
     assert report["samples_per_s"] > 0 and report["elapsed_s"] > 0
 
@@ -176,7 +176,7 @@ def test_jpeg_rows_match_the_processed_source_image(stage1, synthetic: Path) -> 
             Image.open(synthetic / samples[row["id"]]["image"]), preparer.settings.image
         )
         difference = np.abs(np.asarray(image, dtype=np.int32) - np.asarray(processed, dtype=np.int32))
-        assert difference.mean() < 2.0, row["id"]
+        assert difference.mean() < 3.0, row["id"]  # JPEG's loss at quality 95 around the shapes' edges
 
 
 def test_streaming_dataset_yields_the_rows_without_shards(ray_cluster, synthetic: Path, make_config) -> None:
@@ -191,7 +191,9 @@ def test_streaming_dataset_yields_the_rows_without_shards(ray_cluster, synthetic
 # --- every kind of bad input -----------------------------------------------------------------
 
 FILLER = "What shape is shown?"
-MAX_LENGTH = 160  # a good image sample is about 110 positions with the tiny tokenizer
+# A good image sample is about 57 positions with the tiny tokenizer (16 of them the image); 120 cuts
+# 'answer-truncated-away' before its answer and 'cut-inside-image' inside its image.
+MAX_LENGTH = 120
 
 
 def turns(*texts: str) -> list[dict[str, str]]:

@@ -195,7 +195,13 @@ def test_samples_follow_llava_format(dataset: Path) -> None:
     assert len(image_samples) == SAMPLES
     assert 0.08 <= len(text_only) / len(image_samples) <= 0.12
     assert all(sample["id"].startswith("text-") for sample in text_only)
-    assert {len(sample["conversations"]) // 2 for sample in image_samples} == {1, 2, 3}
+    # Every question that applies: colour, shape and count, and position for a single object.
+    objects = load(dataset, "manifest.json")["objects"]
+    for sample in image_samples:
+        expected = 4 if objects[sample["id"]]["count"] == 1 else 3
+        assert len(sample["conversations"]) // 2 == expected, sample["id"]
+    first_types = Counter(question_type(sample["conversations"][0]["value"]) for sample in image_samples)
+    assert set(first_types) == set(QUESTION_TYPES)  # asked in random order
     at_end = sum(sample["conversations"][0]["value"].endswith("\n<image>") for sample in image_samples)
     assert 0.05 <= at_end / len(image_samples) <= 0.15
     for sample in stage2:
@@ -227,10 +233,10 @@ def test_eval_items_use_one_canonical_phrasing_per_type(dataset: Path) -> None:
     }
 
 
-def test_images_vary_in_size_and_aspect(dataset: Path) -> None:
+def test_images_are_square_and_vary_in_size(dataset: Path) -> None:
     sizes = {Image.open(path).size for path in (dataset / "images").glob("*.png")}
-    assert any(width != height for width, height in sizes)
-    assert len({width for width, _ in sizes}) >= 4 and len({height for _, height in sizes}) >= 4
+    assert all(width == height for width, height in sizes)
+    assert len(sizes) >= 4
 
 
 def test_coco_files_are_valid(dataset: Path) -> None:
@@ -331,8 +337,15 @@ def test_manifest_ground_truth_matches_pixels(dataset: Path) -> None:
         assert sorted(recorded["boxes"]) == truth["boxes"], image_id
         width, height = truth["size"]
         shorter = min(width, height)
+        quadrants = set()
         for x0, y0, x1, y1 in recorded["boxes"]:
-            assert x1 - x0 == y1 - y0 and 0.15 * shorter <= x1 - x0 <= 0.37 * shorter, image_id
+            assert x1 - x0 == y1 - y0 and 0.35 * shorter <= x1 - x0 <= 0.45 * shorter, image_id
+            # Each object lies wholly inside its own quadrant.
+            left, top = x1 <= width // 2, y1 <= height // 2
+            assert left or x0 >= width // 2, image_id
+            assert top or y0 >= height // 2, image_id
+            quadrants.add((left, top))
+        assert len(quadrants) == len(recorded["boxes"]), image_id
 
 
 def test_answers_are_balanced(dataset: Path) -> None:

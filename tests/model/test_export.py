@@ -22,7 +22,7 @@ from llava_ray.model.presets import image_token_id, load_tokenizer
 from llava_ray.model.templates import TEMPLATES, get_template, normalize_turns, tokenize_conversation
 
 TINY = ModelConfig(preset="tiny")
-POSITIONS = 64
+POSITIONS = 16  # the tiny preset: 64 px images in 16 px patches
 QUESTION = [{"from": "human", "value": "What is in the picture?\n<image>"}]
 MESSAGES = [
     {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]}
@@ -129,7 +129,7 @@ def test_load_hf_llava_reads_the_export_back(exported):
     assert (loaded.projector_name, loaded.vision_select_feature, loaded.image_positions) == (
         "mlp2x_gelu",
         "patch",
-        64,
+        POSITIONS,
     )
 
 

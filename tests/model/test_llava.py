@@ -33,7 +33,7 @@ from llava_ray.model.presets import image_token_id, load_tokenizer
 from llava_ray.model.templates import IGNORE_INDEX, tokenize_conversation
 
 TINY = ModelConfig(preset="tiny")
-POSITIONS = 64  # 64 px images in 8 px patches
+POSITIONS = 16  # 64 px images in 16 px patches (the tiny preset)
 QUESTION = [{"from": "human", "value": "<image>\nWhat is in the picture?"}]
 TEXT_QUESTION = [{"from": "human", "value": "Say something about colours."}]
 
@@ -87,7 +87,7 @@ def test_siglip_has_no_cls_to_drop(tokenizer, model):
             num_hidden_layers=2,
             num_attention_heads=4,
             image_size=64,
-            patch_size=8,
+            patch_size=16,
         )
     )
     llava = LlavaModel(siglip, model.language_model, "mlp2x_gelu", image_token_id(tokenizer))
@@ -119,11 +119,11 @@ def test_splice_fills_placeholders_in_order_across_rows(model, tokenizer):
 def test_placeholder_count_mismatch_is_an_error(model, tokenizer):
     input_ids = torch.tensor([row(tokenizer, [20, 21], 1)])
     with pytest.raises(
-        ValueError, match=r"64 image placeholder positions .* but 2 image\(s\) x 64 positions = 128"
+        ValueError, match=r"16 image placeholder positions .* but 2 image\(s\) x 16 positions = 32"
     ):
         model.embed_inputs(input_ids, pixels(2))
     input_ids[0, 1] = 20  # one placeholder short
-    with pytest.raises(ValueError, match=r"has 63 image placeholder positions"):
+    with pytest.raises(ValueError, match=r"has 15 image placeholder positions"):
         model.embed_inputs(input_ids, pixels(1))
 
 

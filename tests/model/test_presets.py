@@ -15,6 +15,7 @@ from llava_ray.model.presets import (
     image_token_id,
     load_tokenizer,
     resolve_sources,
+    sincos_position_embedding,
 )
 from llava_ray.model.templates import template_fixed_texts
 from llava_ray.model.tokenizer import IMAGE_TOKEN, TINY_TOKENIZER_DIR, tiny_corpus, train_tiny_tokenizer
@@ -28,7 +29,7 @@ def test_tiny_preset_builds_offline_with_its_shapes():
     assert vision.config.hidden_size == 64 and vision.config.num_hidden_layers == 2
     assert lm.config.hidden_size == 128 and lm.config.num_hidden_layers == 4
     assert lm.get_input_embeddings().num_embeddings == len(tokenizer)
-    assert image_positions(vision.config) == 64 and image_positions(vision.config, "cls_patch") == 65
+    assert image_positions(vision.config) == 16 and image_positions(vision.config, "cls_patch") == 17
     assert lm.config.pad_token_id == tokenizer.pad_token_id
 
 
@@ -40,15 +41,33 @@ def test_tiny_init_is_deterministic_for_a_seed():
     assert not torch.equal(first.state_dict()[weight], other.state_dict()[weight])
 
 
+def test_tiny_tower_has_fixed_sine_cosine_positions():
+    """Random learned positions would be some 20x smaller than the patch embeddings; these are not."""
+    towers = [build_vision_tower(ModelConfig(preset="tiny"), seed=seed) for seed in (1, 2)]
+    weights = [tower.embeddings.position_embedding.weight.detach() for tower in towers]
+    assert torch.equal(weights[0], weights[1])  # fixed, whatever the seed
+    assert not weights[0][0].any()  # CLS
+    table = sincos_position_embedding(4, 64)
+    torch.testing.assert_close(weights[0][1:], table)
+    # Row 0 / column 0: sines 0, cosines 1; a patch's first half names its row, the second its column.
+    assert torch.equal(table[0], torch.tensor(([0.0] * 16 + [1.0] * 16) * 2))
+    torch.testing.assert_close(table[1, :32], table[0, :32])
+    torch.testing.assert_close(table[4, 32:], table[0, 32:])
+    distances = torch.cdist(table, table) + torch.eye(16) * 1e9
+    assert distances.min() > 0.5  # every patch position is told apart
+    with pytest.raises(ValueError, match="width divisible by 4, got 30"):
+        sincos_position_embedding(4, 30)
+
+
 def test_config_overrides_reach_the_built_model():
     config = ModelConfig(
         preset="tiny",
         lm_config_overrides={"num_hidden_layers": 2},
-        vision_config_overrides={"image_size": 32},
+        vision_config_overrides={"patch_size": 8},
     )
     lm = build_language_model(config, load_tokenizer(config))
     assert lm.config.num_hidden_layers == 2 and len(lm.model.layers) == 2
-    assert image_positions(build_vision_tower(config).config) == 16
+    assert image_positions(build_vision_tower(config).config) == 64
 
 
 @pytest.mark.parametrize(

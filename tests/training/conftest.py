@@ -12,7 +12,7 @@ from llava_ray.model.presets import load_tokenizer
 from llava_ray.model.templates import tokenize_conversation
 
 IMAGE_SIZE = 64
-IMAGE_POSITIONS = 64
+IMAGE_POSITIONS = 16  # the tiny preset: 64 px images in 16 px patches
 
 
 def encode_image(path, size=IMAGE_SIZE) -> bytes:

@@ -22,7 +22,7 @@ from llava_ray.training.packing import pack_micro_batch, use_segment_attention
 from llava_ray.training.step import PlainEngine, train_step
 
 IMAGE_SIZE = 64
-IMAGE_POSITIONS = 64
+IMAGE_POSITIONS = 16  # the tiny preset: 64 px images in 16 px patches
 CPU = torch.device("cpu")
 
 

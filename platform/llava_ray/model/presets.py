@@ -70,6 +70,9 @@ class Preset:
     vision_config: dict[str, Any]
     lm_config: dict[str, Any]
     notes: str = ""
+    # A random tower's learned position embeddings start some 20x smaller than its patch embeddings,
+    # so its features barely say where a patch is; fixed 2-D sine-cosine ones (as MAE's ViT) do.
+    sincos_vision_positions: bool = False
 
 
 PRESETS: dict[str, Preset] = {
@@ -78,7 +81,7 @@ PRESETS: dict[str, Preset] = {
         vision_tower=None,
         language_model=None,
         tokenizer=str(TINY_TOKENIZER_DIR),
-        # 64 px images in 8 px patches: 64 image positions per image.
+        # 64 px images in 16 px patches: 16 image positions per image, a 4x4 grid (quadrants are 2x2).
         vision_config={
             "hidden_size": 64,
             "intermediate_size": 256,
@@ -86,7 +89,7 @@ PRESETS: dict[str, Preset] = {
             "num_hidden_layers": 2,
             "num_attention_heads": 4,
             "image_size": 64,
-            "patch_size": 8,
+            "patch_size": 16,
         },
         lm_config={
             "hidden_size": 128,
@@ -97,7 +100,8 @@ PRESETS: dict[str, Preset] = {
             "max_position_embeddings": 1024,
             "tie_word_embeddings": False,
         },
-        notes="CLIP-style ViT (2 layers, width 64) + Llama-style LM (4 layers, width 128); offline.",
+        notes="CLIP-style ViT (2 layers, width 64, 16 image positions) + Llama-style LM (4 layers, width 128); offline.",
+        sincos_vision_positions=True,
     ),
     "llava-1.5-7b": Preset(
         name="llava-1.5-7b",
@@ -175,8 +179,48 @@ def build_vision_tower(config: ModelConfig, seed: int = 0) -> PreTrainedModel:
     source = resolve_sources(config).vision_tower
     if source is None:
         torch.manual_seed(seed)
-        return model_class(vision_config)
+        tower = model_class(vision_config)
+        if PRESETS[config.preset].sincos_vision_positions:
+            set_sincos_positions(tower)
+        return tower
     return model_class.from_pretrained(local_copy(source), config=vision_config)
+
+
+def sincos_position_embedding(grid: int, width: int) -> torch.Tensor:
+    """MAE's fixed 2-D sine-cosine embedding: ``(grid * grid, width)``, rows in patch order.
+
+    The first half of the channels encodes the patch's row, the second half its column, each as
+    sines and cosines at ``width // 4`` frequencies.
+    """
+    if width % 4:
+        raise ValueError(
+            f"2-D sine-cosine positions need a width divisible by 4, got {width}; set hidden_size"
+        )
+    quarter = width // 4
+    frequencies = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+
+    def encode(coordinate: torch.Tensor) -> torch.Tensor:
+        angles = coordinate.reshape(-1, 1).float() * frequencies
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([encode(rows), encode(cols)], dim=1)
+
+
+def set_sincos_positions(tower: PreTrainedModel) -> None:
+    """Replace a CLIP tower's position embeddings with fixed sine-cosine ones (zero for the CLS token)."""
+    if not isinstance(tower.config, CLIPVisionConfig):
+        raise ValueError(
+            f"sine-cosine positions are implemented for CLIP towers, not {type(tower.config).__name__}; "
+            "set sincos_vision_positions=False in the preset"
+        )
+    embeddings = getattr(tower, "vision_model", tower).embeddings
+    grid = tower.config.image_size // tower.config.patch_size
+    table = sincos_position_embedding(grid, tower.config.hidden_size)
+    with torch.no_grad():
+        weight = embeddings.position_embedding.weight
+        weight[0].zero_()
+        weight[1:].copy_(table.to(weight.dtype))
 
 
 def build_lm_config(config: ModelConfig, vocab_size: int) -> PretrainedConfig:

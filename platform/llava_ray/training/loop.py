@@ -112,7 +112,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             report |= validated
             tracker.log_metrics(validated, step=state.step)
             if rank == 0:
-                print(f"[train] step {state.step}/{total_steps} val_loss {validated['val_loss']:.4f}", flush=True)
+                print(
+                    f"[train] step {state.step}/{total_steps} val_loss {validated['val_loss']:.4f}",
+                    flush=True,
+                )
         if rank == 0 and (state.step % config.train.log_every_steps == 0 or state.step == total_steps):
             elapsed = time.time() - started
             eta = elapsed / (state.step - start_step) * (total_steps - state.step)
@@ -120,8 +123,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         every = config.checkpoint.every_n_steps
         if state.step < total_steps and every and state.step % every == 0:
             save_checkpoint(engine, state, rank, report)
-        else:
+        elif "val_loss" in report:  # a Tune sweep schedules trials on these
             ray.train.report(report)
+        # Other steps report nothing to Ray: it takes one report per controller poll (every 2 s),
+        # which would hold each step to that pace. Rank 0 has logged the metrics to MLflow already.
         maybe_inject_fault(config, rank, state.step)
     save_checkpoint(engine, state, rank, report, final=True)
     if config.train.save_final_model:
