@@ -76,19 +76,31 @@ def run_trial(
     uri: str | None,
     parent: str | None,
 ) -> None:
-    """One trial (a Tune function trainable): train the sampled config, forwarding validation results."""
-    from ray import tune
+    """One trial (a Tune function trainable): train the sampled config, forwarding validation results.
 
-    from llava_ray.training.trainer import run_train
+    The stage job runs in a task scheduled outside the trial's placement group: Tune's group
+    captures child tasks, and Ray Data's sort tasks started by the training workers would inherit
+    that capture into the workers' own group, where they do not fit. The task shares the trial's
+    fate: when ASHA stops the trial, the task and the training run it started end with it.
+    """
+    import ray
+    from ray import tune
 
     trial_id = tune.get_context().get_trial_id()
     config = trial_config(base, params, trial_id, sweep, storage, uri)
-    run_train(
-        config,
-        parent,
-        callbacks=[metric_report_callback(sweep.metric)],
-        extra_tags={"llava_ray.sweep": sweep.name, "llava_ray.trial_id": trial_id},
+    callback = metric_report_callback(sweep.metric)  # made here, in the Tune session it reports to
+    train = ray.remote(num_cpus=0, max_retries=0)(_train_trial).options(scheduling_strategy="DEFAULT")
+    ray.get(
+        train.remote(
+            config, parent, callback, {"llava_ray.sweep": sweep.name, "llava_ray.trial_id": trial_id}
+        )
     )
+
+
+def _train_trial(config: LlavaRayConfig, parent: str | None, callback: Any, tags: dict[str, str]) -> None:
+    from llava_ray.training.trainer import run_train
+
+    run_train(config, parent, callbacks=[callback], extra_tags=tags)
 
 
 def metric_report_callback(metric: str) -> Any:
