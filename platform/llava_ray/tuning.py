@@ -316,18 +316,25 @@ def format_table(table: pd.DataFrame, sweep: SweepConfig) -> str:
 
 
 def close_killed_trials(parent: Any, table: pd.DataFrame) -> None:
-    """Trial runs a kill left RUNNING in MLflow end KILLED: tagged ``stopped_early`` when ASHA stopped
-    the trial, ``interrupted`` when an earlier, interrupted sweep left them (a resumed trial has a
-    run of its own)."""
+    """Trial runs ended by a kill end KILLED in MLflow: tagged ``stopped_early`` when ASHA stopped the
+    trial (its run ended RUNNING or FAILED as the kill reached it), ``interrupted`` when an earlier,
+    interrupted sweep left them RUNNING (a resumed trial has a run of its own). A trial that failed
+    on its own stays FAILED."""
     if not parent.enabled:
         return
     client = parent.client
     stopped = set(table.loc[table["stopped_early"], "trial_id"])
     run = client.get_run(parent.run_id)
     for child in client.search_runs(
-        [run.info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}' and attributes.status = 'RUNNING'",
+        [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}'"
     ):
-        reason = "stopped_early" if child.data.tags.get("llava_ray.trial_id") in stopped else "interrupted"
+        if child.info.status not in ("RUNNING", "FAILED"):
+            continue
+        if child.data.tags.get("llava_ray.trial_id") in stopped:
+            reason = "stopped_early"
+        elif child.info.status == "RUNNING":
+            reason = "interrupted"
+        else:
+            continue
         client.set_tag(child.info.run_id, f"llava_ray.{reason}", "true")
         client.set_terminated(child.info.run_id, status="KILLED")
