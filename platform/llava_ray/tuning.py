@@ -35,6 +35,7 @@ TRIALS_DIR = "trials"
 # The trial function only waits on its Ray Train run, whose workers hold the real resources
 # (Tune refuses an empty request).
 TRIAL_DRIVER_CPUS = 0.01
+STOPPED_RUN_WAIT_S = 30  # how long a stopped trial's job may take to end its MLflow run
 
 
 @dataclass
@@ -332,9 +333,17 @@ def close_killed_trials(parent: Any, table: pd.DataFrame) -> None:
             continue
         if child.data.tags.get("llava_ray.trial_id") in stopped:
             reason = "stopped_early"
+            wait_until_ended(client, child.info.run_id)  # else its job could still mark it FAILED after us
         elif child.info.status == "RUNNING":
             reason = "interrupted"
         else:
             continue
         client.set_tag(child.info.run_id, f"llava_ray.{reason}", "true")
         client.set_terminated(child.info.run_id, status="KILLED")
+
+
+def wait_until_ended(client: Any, run_id: str, timeout_s: float = STOPPED_RUN_WAIT_S) -> None:
+    """Wait while a stopped trial's job winds down and ends its run (a hard kill never ends it)."""
+    deadline = time.time() + timeout_s
+    while client.get_run(run_id).info.status == "RUNNING" and time.time() < deadline:
+        time.sleep(1)
