@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from llava_ray.config.loader import ConfigError, describe_error, load_config
+from llava_ray.config.loader import ConfigError, apply_overrides, describe_error, load_config
 from llava_ray.config.schema import LlavaRayConfig, Section
 
 DOMAIN_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -164,8 +164,6 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> tuple[SweepConfig
     raw = yaml.safe_load(path.read_text()) or {}
     sweep_overrides = [item.removeprefix("sweep.") for item in overrides if item.startswith("sweep.")]
     stage_overrides = [item for item in overrides if not item.startswith("sweep.")]
-    from llava_ray.config.loader import apply_overrides
-
     raw_sweep, problems = apply_overrides(raw.get("sweep", raw), sweep_overrides)
     if problems:
         raise ConfigError([f"sweep: {problem}" for problem in problems], str(path))

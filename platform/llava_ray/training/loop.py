@@ -105,8 +105,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         state.samples_seen += metrics.samples
         state.loss_first = metrics.loss if state.loss_first is None else state.loss_first
         state.loss_last = metrics.loss
-        report = {**metrics.as_dict(state.step), "total_steps": total_steps}
-        tracker.log_metrics(metrics.as_dict(state.step), step=state.step)  # a no-op off rank 0
+        step_metrics = metrics.as_dict(state.step)
+        report = {**step_metrics, "total_steps": total_steps}
+        tracker.log_metrics(step_metrics, step=state.step)  # a no-op off rank 0
         if validation.due(state.step):
             validated = validation.loss(engine, world_size, device)
             report |= validated
