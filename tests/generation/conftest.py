@@ -228,9 +228,16 @@ class FakeChatServer:
 
 @pytest.fixture(scope="session")
 def coco_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """12 synthetic training images with COCO 2017 instances and captions files."""
+    """12 synthetic training images with COCO 2017 instances and captions files.
+
+    The fake server tells images apart by their first caption, so the seed is one whose 12
+    images all have different labels (seed 0's have a repeat).
+    """
     out = tmp_path_factory.mktemp("synthetic")
-    generate(out, samples=12, eval_samples=1, seed=0)
+    generate(out, samples=12, eval_samples=1, seed=1)
+    captions = json.loads((out / "coco" / "captions.json").read_text())["annotations"]
+    first_captions = {a["image_id"]: a["caption"] for a in reversed(captions)}
+    assert len(set(first_captions.values())) == 12, "two synthetic images share a label: pick another seed"
     return out
 
 

@@ -26,17 +26,18 @@ def coco_images(coco_dir: Path) -> list[ImageAnnotations]:
 
 
 def test_context_of_a_known_image_exactly(coco_dir):
-    # Image 1 of the seed-0 synthetic set: 112 x 96 px, one diamond with COCO bbox [10, 15, 31, 31].
-    # 10/112 = 0.0893, 15/96 = 0.15625 (a tie, rounded to even), 41/112 = 0.3661, 46/96 = 0.4792.
+    # Image 1 of the seed-1 synthetic set: 96 x 96 px, two squares, the first with COCO bbox
+    # [7, 51, 36, 36]: 7/96 = 0.0729, 51/96 = 0.53125, 43/96 = 0.4479, 87/96 = 0.90625 (ties to even).
     image = coco_images(coco_dir)[0]
-    assert (image.image_id, image.file_name, image.width, image.height) == (1, "train_000000.png", 112, 96)
+    assert (image.image_id, image.file_name, image.width, image.height) == (1, "train_000000.png", 96, 96)
     assert build_context(image, with_boxes=True) == (
-        "One blue diamond in the top left.\n"
-        "A picture of one blue diamond in the top left.\n"
-        "An image with one blue diamond in the top left.\n"
-        "One blue diamond on a grey background in the top left.\n"
-        "There is one blue diamond in the top left.\n"
-        "diamond: [0.089, 0.156, 0.366, 0.479]"
+        "Two purple squares.\n"
+        "A picture of two purple squares.\n"
+        "An image with two purple squares.\n"
+        "Two purple squares on a grey background.\n"
+        "There are two purple squares.\n"
+        "square: [0.073, 0.531, 0.448, 0.906]\n"
+        "square: [0.542, 0.052, 0.969, 0.479]"
     )
     assert build_context(image, with_boxes=False) == "\n".join(build_context(image, True).split("\n")[:5])
 

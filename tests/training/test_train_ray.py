@@ -114,7 +114,7 @@ def test_killed_worker_resumes_to_the_same_weights(stage1, prepared):
         )
     )
     assert (root / "runs" / "s1-fault" / "fault-injected-rank1-step3").exists()
-    assert faulted.metrics["step"] == 6
+    assert faulted.metrics["step"] == 6 and faulted.metrics["resumed_from_step"] == 2
     assert_same_weights(final_weights(faulted.final_model), final_weights(stage1.final_model))
 
 
