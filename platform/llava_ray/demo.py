@@ -98,7 +98,9 @@ def run_demo(
     synthetic_data(workdir, samples, seed)
     pretrain, finetune = (stage_config(stage, workdir, extra) for stage in ("pretrain", "finetune"))
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=True)
+        # With the dashboard: Ray prints its address (watch the jobs while they run), and Ray Train's
+        # placement-group cleaner reaches the state API it serves (without it, it warns every second).
+        ray.init(include_dashboard=True, log_to_driver=True)
     evaluations: dict[str, dict[str, Any]] = {}
 
     def evaluate_stages(final_model: str, parent_run_id: str | None) -> None:
