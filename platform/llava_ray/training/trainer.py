@@ -131,42 +131,55 @@ def assignments(index: pd.DataFrame, schedule: Schedule) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def _attach_schedule(batch: pd.DataFrame, rank_plan: pd.DataFrame) -> pd.DataFrame:
-    return batch.merge(rank_plan, on="row", how="inner")
+def _attach_schedule(batch: pd.DataFrame, plan: pd.DataFrame) -> pd.DataFrame:
+    return batch.merge(plan, on="row", how="inner")
 
 
-def rank_datasets(
-    dataset: ray.data.Dataset, plan: pd.DataFrame, world_size: int
-) -> dict[str, ray.data.Dataset]:
-    """``rank{r}``: rank r's rows (repeated where the schedule repeats them) sorted by position.
+def scheduled_datasets(dataset: ray.data.Dataset, plans: dict[str, pd.DataFrame]) -> dict[str, Any]:
+    """One dataset per named plan (``row``, ``seq``): its rows, repeated where it repeats them, by ``seq``.
 
-    Positions are known (0..n-1), so the sort gets fixed range boundaries and skips sampling.
+    One pass over the prepared rows serves every plan (each rank's training rows, each rank's
+    validation rows): the rows are tagged with a global ``order`` (plan after plan, ``seq`` within
+    each), sorted once by it with fixed range boundaries (the positions are known, so the sort skips
+    sampling), materialized, and cut at the plans' edges. Reading the shards once per plan instead
+    would read the whole dataset once per worker. The driver builds this before any worker starts,
+    so no Ray Data task runs inside the workers' placement group (where a Tune trial's tasks could
+    not be scheduled).
     """
-    rows_per_rank = int((plan["rank"] == 0).sum())
-    boundaries = list(range(SORT_RANGE_ROWS, rows_per_rank, SORT_RANGE_ROWS))
-    return {
-        f"rank{rank}": dataset.map_batches(
-            _attach_schedule, batch_format="pandas", fn_args=(plan.loc[plan["rank"] == rank, ["row", "seq"]],)
-        ).sort("seq", boundaries=boundaries or None)
-        for rank in range(world_size)
-    }
-
-
-def validation_datasets(
-    dataset: ray.data.Dataset, plan: pd.DataFrame, world_size: int
-) -> dict[str, ray.data.Dataset]:
-    """``val{r}``: rank r's validation rows, read once here (the split is small) and held in memory.
-
-    Workers then only iterate blocks: no Ray Data tasks start inside a worker's placement group,
-    where a sweep trial's tasks could not be scheduled.
-    """
-    rows = dataset.map_batches(_attach_schedule, batch_format="pandas", fn_args=(plan,)).to_pandas()
-    return {
-        f"{VAL_DATASET_PREFIX}{rank}": ray.data.from_pandas(
-            rows.loc[rows["rank"] == rank].sort_values("seq").drop(columns="rank").reset_index(drop=True)
+    sizes = [len(plan) for plan in plans.values()]
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    tagged = pd.concat(
+        [
+            pd.DataFrame(
+                {
+                    "row": plan["row"].to_numpy(),
+                    "seq": plan["seq"].to_numpy(),
+                    "order": offset + plan["seq"].to_numpy(),
+                }
+            )
+            for plan, offset in zip(plans.values(), offsets[:-1], strict=True)
+        ],
+        ignore_index=True,
+    )
+    total, edges = int(offsets[-1]), [int(o) for o in offsets[1:-1]]
+    boundaries = sorted({*range(SORT_RANGE_ROWS, total, SORT_RANGE_ROWS), *edges})
+    ordered = (
+        dataset.map_batches(_attach_schedule, batch_format="pandas", fn_args=(tagged,))
+        .sort("order", boundaries=boundaries or None)
+        .drop_columns(["order"])
+        .materialize()
+    )
+    if ordered.count() != total:
+        raise RuntimeError(
+            f"the prepared data gave {ordered.count()} scheduled rows, the schedule has {total}"
         )
-        for rank in range(world_size)
-    }
+    pieces = ordered.split_at_indices(edges) if edges else [ordered]
+    return dict(zip(plans, pieces, strict=True))
+
+
+def rank_plans(plan: pd.DataFrame, world_size: int, prefix: str) -> dict[str, pd.DataFrame]:
+    """``{prefix}{r}``: rank r's part of a plan with a ``rank`` column."""
+    return {f"{prefix}{rank}": plan.loc[plan["rank"] == rank, ["row", "seq"]] for rank in range(world_size)}
 
 
 def run_train(
@@ -217,9 +230,10 @@ def _fit(
         + (f"; {len(validation)} held out for validation" if len(validation) else ""),
         flush=True,
     )
-    datasets = rank_datasets(dataset, assignments(index, schedule), world_size)
+    plans = rank_plans(assignments(index, schedule), world_size, "rank")
     if len(validation):
-        datasets |= validation_datasets(dataset, validation_plan(validation, world_size), world_size)
+        plans |= rank_plans(validation_plan(validation, world_size), world_size, VAL_DATASET_PREFIX)
+    datasets = scheduled_datasets(dataset, plans)
     storage_path, storage_filesystem = ray_storage(config.run.storage_path)
     use_gpu = config.scaling.use_gpu
     if use_gpu == "auto":

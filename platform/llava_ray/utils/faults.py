@@ -5,8 +5,10 @@ Set ``fault.kill_rank`` and ``fault.kill_at_step`` in the config, or the environ
 would); Ray Train restarts the worker group and the run resumes from its latest checkpoint. A
 marker in the run's storage makes the fault fire once, so the resumed run can pass that step.
 
-Before the kill every rank makes one metrics-only report, which returns once the Ray Train
-controller has taken the previous report (Ray keeps one unread report per worker), so the
+Before the kill every rank makes two metrics-only reports. A report returns once the Ray Train
+controller has taken the rank's previous one (Ray keeps one unread report per worker), and the
+second one's barrier across ranks passes only when every rank's first has returned: by then the
+controller holds every rank's report of the latest checkpoint, and has registered it, so the
 rehearsal always resumes from the latest checkpoint saved at or before the fault's step. A real
 crash within one controller poll (about 2 s) of a checkpoint can lose that checkpoint; the run
 then resumes from the one before it.
@@ -44,7 +46,8 @@ def maybe_inject_fault(config: LlavaRayConfig, rank: int, step: int) -> None:
     marker = f"{root.rstrip('/')}/{config.run.name}/fault-injected-rank{target[0]}-step{step}"
     if fs.exists(marker):  # every rank looks before the report below, which no rank passes alone
         return
-    ray.train.report({"step": step, "fault_injection": 1})
+    for _ in range(2):  # see the module docstring
+        ray.train.report({"step": step, "fault_injection": 1})
     if rank != target[0]:
         return
     fs.makedirs(marker.rsplit("/", 1)[0], exist_ok=True)
