@@ -47,11 +47,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ray
 from PIL import Image, ImageDraw, ImageFilter
 
 from llava_ray.config import validate_config
-from llava_ray.data.prepare import run_prepare
 from llava_ray.model.tokenizer import TINY_TOKENIZER_DIR
 from llava_ray.training.benchmark import (
     TRAIN_PRESETS,
@@ -158,6 +156,8 @@ def bench_config(data_file: Path, prepared: Path) -> Any:
 
 def start_ray(workers: int | None) -> None:
     """Join the job's cluster under ``ray job submit``; else a private local instance of ``workers`` CPUs."""
+    import ray
+
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
@@ -167,6 +167,10 @@ def start_ray(workers: int | None) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> dict[str, Any]:
+    import ray
+
+    from llava_ray.data.prepare import run_prepare
+
     with tempfile.TemporaryDirectory(prefix="llava-ray-bench-") as scratch:
         root = Path(args.workdir) if args.workdir else Path(scratch)
         print(f"writing {args.samples} photo-like JPEGs to {root} (reused when present) ...", flush=True)
@@ -190,6 +194,8 @@ def cmd_prepare(args: argparse.Namespace) -> dict[str, Any]:
 
 def warm_up(data_file: Path, root: Path, samples: int, workers: int) -> None:
     """A small prepare first, so Ray's worker processes exist, as on a cluster that has run jobs."""
+    from llava_ray.data.prepare import run_prepare
+
     records = json.loads(data_file.read_text())[:samples]
     warmup_file = root / "warmup.json"
     warmup_file.write_text(json.dumps(records))
@@ -276,6 +282,8 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
     )
     if args.ray:
+        import ray  # only here: the train benchmark runs where Ray is not installed (a bare GPU box)
+
         if not ray.is_initialized():
             # The task's output would reach this driver asynchronously, after the last (JSON) line.
             local = {} if os.environ.get("RAY_ADDRESS") else {"address": "local", "include_dashboard": False}

@@ -1,10 +1,12 @@
 """Packing: packed and padded micro-batches train identically, and no sample sees another."""
 
 import copy
+import itertools
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llava_ray.config.schema import ModelConfig
 from llava_ray.model.llava import build_llava_model, set_trainable
@@ -18,6 +20,8 @@ from llava_ray.training.packing import (
     segment_attention_forward,
     segment_lengths,
     use_segment_attention,
+    varlen_applies,
+    varlen_segments,
 )
 
 IMAGE_SIZE = 64
@@ -230,3 +234,30 @@ def test_pack_rows_takes_rows_as_ray_data_hands_them_over(mixed_rows, tiny_token
     assert from_ray.keys() == from_lists.keys()
     for key, value in from_lists.items():
         assert torch.equal(from_ray[key], value), key
+
+
+def reference_varlen(
+    query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1)
+):
+    """torch's ``varlen_attn`` contract ([tokens, heads, dim], cumulative starts) on any device."""
+    assert torch.equal(cu_seq_q, cu_seq_k) and cu_seq_q.dtype == torch.int32 and window_size == (-1, 0)
+    bounds = cu_seq_q.tolist()
+    assert max_q == max_k == max(b - a for a, b in itertools.pairwise(bounds))
+    pieces = [
+        F.scaled_dot_product_attention(
+            *(t[a:b].transpose(0, 1) for t in (query, key, value)), is_causal=True, scale=scale
+        ).transpose(0, 1)
+        for a, b in itertools.pairwise(bounds)
+    ]
+    return torch.cat(pieces)
+
+
+def test_varlen_layout_matches_the_per_segment_calls():
+    torch.manual_seed(0)
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 0, 1, 0, 1]])
+    query, key, value = (torch.randn(2, 4, 9, 8) for _ in range(3))
+    module = torch.nn.Module()
+    expected, _ = segment_attention_forward(module, query, key, value, None, position_ids=position_ids)
+    got = varlen_segments(query, key, value, segment_lengths(position_ids), 8**-0.5, kernel=reference_varlen)
+    torch.testing.assert_close(got, expected)
+    assert not varlen_applies(query, 0.0, None)  # a CPU tensor: the per-segment calls

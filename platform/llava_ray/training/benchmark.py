@@ -40,7 +40,7 @@ The data: LLaVA-1.5's 665K mix, by sample kind (shares of the 665K, lengths in L
   around 60 tokens (5-800), answers around 250 (20-1200), cut at ``max_length``.
 
 Images take the vision tower's positions (576 for CLIP-L/336). ``tiny`` scales text lengths by 1/4
-and cuts at 512 tokens (its images are 64 positions), so sample lengths keep LLaVA's spread.
+and cuts at 512 tokens (its images are 16 positions), so sample lengths keep LLaVA's spread.
 
 Figures per contender: supervised tokens/s (labels that carry a loss), samples/s, padding
 fraction (padding / all positions), peak memory of one untimed step after the warm-up (GPU:
@@ -52,20 +52,20 @@ activations, gradients, temporaries), and MFU against 989 TFLOP/s bf16
 process CPU second) as well, since on a loaded machine wall-clock figures move with others' load.
 The last line printed is one JSON object with every figure.
 
-Measured on the tiny preset (AMD EPYC, 2 cores shared with other jobs, one thread, fp32, 32
-samples: 22 vqa, 8 instruct, 2 sharegpt, 82-512 tokens; 5 steps after 1 warm-up; wall and
-CPU-time ratios agreed within 0.01): (a) 1620-1770 supervised tok/s at 12% padding, (b)
-2010-2130 at 0%, ratio 1.19-1.25; against LLaVA's own sampler (``--grouping llava``, 23% padding)
-1.37-1.40. ``--packing off`` gives 1.03-1.10 and ``--lm-head full`` 1.13-1.14, so packing and the
-supervised-only head both pay and training uses both. Peak memory is level (about +0.08 GiB over
-each step's start for (b), +0.10 for (a)). Packing the whole global batch into fewer, fuller rows
-instead of each micro-batch into one row measured the same (1.16-1.42 by grouping) with more
-memory. The tiny LM is compute-bound on the CPU (matmuls about 53% of a step, attention 19%,
-norms and rotary 9%), so (b) can save only padding, masked attention blocks and unsupervised
-logits: about 20% of (a)'s FLOPs. The 1.5x goal is not met on this CPU; on GPUs the same savings
-weigh more (dense masked SDPA against flash kernels per sample, and full fp32 logits over a 32K
-vocabulary), which the GPU presets are there to measure (not run yet: no GPU was available when
-this was written).
+Measured on the tiny preset as it is now (16 image positions; AMD EPYC, 2 otherwise idle cores,
+two threads, fp32, 32 samples: 22 vqa, 8 instruct, 2 sharegpt, 34-512 tokens; 5 steps after 1
+warm-up; wall and CPU-time ratios agreed within 0.01): (a) 3262-3932 supervised tok/s at 17%
+padding, (b) 3559-4706 at 0%, ratio 1.09-1.22; against LLaVA's own sampler (``--grouping llava``,
+31% padding) 1.27-1.41. ``--packing off`` gives 1.05-1.09 and ``--lm-head full`` 1.10-1.17, so
+packing and the supervised-only head both pay and training uses both. Peak memory is level (about
++0.06 GiB over each step's start for (b), +0.10 for (a)). Packing the whole global batch into
+fewer, fuller rows instead of each micro-batch into one row measured the same (earlier preset)
+with more memory. The tiny LM is compute-bound on the CPU (matrix products about half of a step,
+attention about a fifth), so (b) can save only padding, masked attention blocks and unsupervised
+logits; ``torch.compile`` and fused projections measured no faster. The 1.5x goal is not met on
+this CPU; on GPUs the same savings weigh more (dense masked SDPA against flash kernels per
+sample, and full fp32 logits over a 32K vocabulary), which the GPU presets are there to measure
+(not run yet: no GPU was available when this was written; ``cluster/gpu_benchmark.sh`` runs them).
 """
 
 from __future__ import annotations

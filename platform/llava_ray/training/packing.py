@@ -24,6 +24,12 @@ Per-sample attention, three exact ways, all checked against running each sample 
 - ``attention="position_ids"`` with :func:`use_segment_attention` on the LM: SDPA runs causally on
   each sample alone, so attention costs sum(L^2) / 2 instead of T^2 per row and no mask exists.
 
+With ``LLAVA_RAY_VARLEN_ATTENTION=1``, on CUDA in half precision (torch >= 2.10), the segments
+go to torch's variable-length FlashAttention kernel in one call (:func:`varlen_segments`) instead
+of one SDPA call each. Its layout is tested on the CPU against a reference of the kernel's
+contract, but the kernel itself has not yet run on a GPU here (no GPU was lent when it was
+written), so it is off by default until the GPU benchmark and invariance check have run with it.
+
 Both mask variants run SDPA densely over T x T with a mask, which costs more than the padding it
 saves. Measured (tiny preset, fp32, one CPU thread on a loaded 2-core machine, CPU seconds of
 forward + backward over a 32-sample global batch of the benchmark's LLaVA-665K-like mix, median
@@ -45,7 +51,10 @@ order in which the model meets their placeholders, so its splice stays aligned.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+import itertools
+import os
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -57,6 +66,13 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from llava_ray.model.templates import IGNORE_INDEX
 from llava_ray.training.collate import collate_rows
+
+try:  # torch >= 2.10: FlashAttention's variable-length kernel (CUDA only)
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
+VARLEN_PARAMETERS = set(inspect.signature(varlen_attn).parameters) if varlen_attn is not None else set()
+VARLEN_ENV = "LLAVA_RAY_VARLEN_ATTENTION"  # "1": one varlen kernel call on CUDA (see the docstring)
 
 Attention = Literal["position_ids", "block_mask"]
 ATTENTION_MODES: tuple[str, ...] = ("position_ids", "block_mask")
@@ -224,6 +240,8 @@ def segment_attention_forward(
         )
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    if varlen_applies(query, dropout, scaling):
+        return varlen_segments(query, key, value, lengths, scaling), None
     # [rows, heads, width, dim] -> [1, heads, tokens, dim]: segments are contiguous slices of the
     # token axis. split (not indexing) keeps the backward to one cat; 4-D inputs reach the flash
     # kernel (3-D ones fall back to the math path on the CPU).
@@ -234,6 +252,50 @@ def segment_attention_forward(
     ]
     output = torch.cat(outputs, dim=2).view(heads, rows, width, head_dim)
     return output.permute(1, 2, 0, 3), None
+
+
+def varlen_applies(query: torch.Tensor, dropout: float, scaling: float | None) -> bool:
+    """Whether torch's variable-length flash kernel can run these segments: CUDA, half precision,
+    no dropout, a head size flash supports, a scale it can take, and switched on (``VARLEN_ENV=1``)."""
+    if varlen_attn is None or os.environ.get(VARLEN_ENV, "0") != "1":
+        return False
+    head_dim = query.shape[-1]
+    default_scale = scaling is None or abs(scaling - head_dim**-0.5) < 1e-12
+    return (
+        query.is_cuda
+        and query.dtype in (torch.float16, torch.bfloat16)
+        and dropout == 0.0
+        and head_dim <= 256
+        and ("scale" in VARLEN_PARAMETERS or default_scale)
+    )
+
+
+def varlen_segments(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    lengths: Sequence[int],
+    scaling: float | None,
+    kernel: Callable[..., torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Causal attention of every segment in one variable-length kernel call.
+
+    ``query``/``key``/``value``: [rows, heads, width, dim] with as many key as query heads;
+    ``lengths``: the segments of all rows, row by row. Returns [rows, width, heads, dim], as
+    transformers' attention functions do. ``kernel`` defaults to torch's ``varlen_attn`` (its
+    causal argument is ``window_size=(-1, 0)`` from torch 2.11 on, ``is_causal`` in 2.10).
+    """
+    kernel = kernel or varlen_attn
+    parameters = set(inspect.signature(kernel).parameters)
+    rows, heads, width, head_dim = query.shape
+    flat = [t.transpose(1, 2).reshape(rows * width, heads, head_dim) for t in (query, key, value)]
+    starts = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=query.device)
+    options: dict[str, Any] = {"window_size": (-1, 0)} if "window_size" in parameters else {"is_causal": True}
+    if "scale" in parameters:
+        options["scale"] = scaling
+    longest = max(lengths)
+    output = kernel(*flat, starts, starts, longest, longest, **options)
+    return output.view(rows, width, heads, head_dim)
 
 
 def segment_mask(
