@@ -15,6 +15,8 @@ mkdir -p "$out"
 export PYTHONPATH="$PWD/platform${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/device.csv"
 python - <<'PY' 2>&1 | tee "$out/varlen_check.txt"
+import os
+
 import torch
 import transformers
 
@@ -29,7 +31,7 @@ q, k, v = (torch.randn(rows, 16, width, 64, device="cuda", dtype=torch.bfloat16,
 module = torch.nn.Module()
 outputs, grads = [], []
 for varlen in ("0", "1"):
-    packing.os.environ[packing.VARLEN_ENV] = varlen
+    os.environ[packing.VARLEN_ENV] = varlen
     assert packing.varlen_applies(q, 0.0, None) == (varlen == "1" and packing.varlen_attn is not None)
     out, _ = packing.segment_attention_forward(module, q, k, v, None, position_ids=position_ids)
     out.float().pow(2).sum().backward()

@@ -282,11 +282,11 @@ def varlen_segments(
 
     ``query``/``key``/``value``: [rows, heads, width, dim] with as many key as query heads;
     ``lengths``: the segments of all rows, row by row. Returns [rows, width, heads, dim], as
-    transformers' attention functions do. ``kernel`` defaults to torch's ``varlen_attn`` (its
-    causal argument is ``window_size=(-1, 0)`` from torch 2.11 on, ``is_causal`` in 2.10).
+    transformers' attention functions do. ``kernel`` defaults to torch's ``varlen_attn``, whose
+    causal argument is ``is_causal`` in torch 2.10 and ``window_size=(-1, 0)`` in later releases.
     """
+    parameters = VARLEN_PARAMETERS if kernel is None else set(inspect.signature(kernel).parameters)
     kernel = kernel or varlen_attn
-    parameters = set(inspect.signature(kernel).parameters)
     rows, heads, width, head_dim = query.shape
     flat = [t.transpose(1, 2).reshape(rows * width, heads, head_dim) for t in (query, key, value)]
     starts = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=query.device)

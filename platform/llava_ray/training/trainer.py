@@ -20,6 +20,7 @@ import pandas as pd
 import ray
 import ray.data
 import ray.train
+from ray.data.dataset import MaterializedDataset
 from ray.train.torch import TorchTrainer
 
 from llava_ray.config.loader import ConfigError
@@ -135,7 +136,9 @@ def _attach_schedule(batch: pd.DataFrame, plan: pd.DataFrame) -> pd.DataFrame:
     return batch.merge(plan, on="row", how="inner")
 
 
-def scheduled_datasets(dataset: ray.data.Dataset, plans: dict[str, pd.DataFrame]) -> dict[str, Any]:
+def scheduled_datasets(
+    dataset: ray.data.Dataset, plans: dict[str, pd.DataFrame]
+) -> dict[str, MaterializedDataset]:
     """One dataset per named plan (``row``, ``seq``): its rows, repeated where it repeats them, by ``seq``.
 
     One pass over the prepared rows serves every plan (each rank's training rows, each rank's
@@ -146,17 +149,10 @@ def scheduled_datasets(dataset: ray.data.Dataset, plans: dict[str, pd.DataFrame]
     so no Ray Data task runs inside the workers' placement group (where a Tune trial's tasks could
     not be scheduled).
     """
-    sizes = [len(plan) for plan in plans.values()]
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    offsets = np.cumsum([0, *(len(plan) for plan in plans.values())])
     tagged = pd.concat(
         [
-            pd.DataFrame(
-                {
-                    "row": plan["row"].to_numpy(),
-                    "seq": plan["seq"].to_numpy(),
-                    "order": offset + plan["seq"].to_numpy(),
-                }
-            )
+            plan[["row", "seq"]].assign(order=plan["seq"].to_numpy() + offset)
             for plan, offset in zip(plans.values(), offsets[:-1], strict=True)
         ],
         ignore_index=True,
@@ -169,16 +165,14 @@ def scheduled_datasets(dataset: ray.data.Dataset, plans: dict[str, pd.DataFrame]
         .drop_columns(["order"])
         .materialize()
     )
-    if ordered.count() != total:
-        raise RuntimeError(
-            f"the prepared data gave {ordered.count()} scheduled rows, the schedule has {total}"
-        )
+    if (count := ordered.count()) != total:
+        raise RuntimeError(f"the prepared data gave {count} scheduled rows, the schedule has {total}")
     pieces = ordered.split_at_indices(edges) if edges else [ordered]
     return dict(zip(plans, pieces, strict=True))
 
 
 def rank_plans(plan: pd.DataFrame, world_size: int, prefix: str) -> dict[str, pd.DataFrame]:
-    """``{prefix}{r}``: rank r's part of a plan with a ``rank`` column."""
+    """``{prefix}{r}``: the ``row`` and ``seq`` of the plan's lines whose ``rank`` is r."""
     return {f"{prefix}{rank}": plan.loc[plan["rank"] == rank, ["row", "seq"]] for rank in range(world_size)}
 
 
