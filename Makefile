@@ -9,7 +9,7 @@ TORCH_CPU_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint format clean
+.PHONY: install demo test test-fast lint format clean gpu-wheels
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,14 @@ lint: install
 format: install
 	$(BIN)/ruff format platform jobs tests
 	$(BIN)/ruff check --fix platform jobs tests
+
+# Wheels that cluster/gpu_benchmark.sh installs on a bare GPU machine lacking them (Python 3.12,
+# x86-64): pydantic and its needs, at the versions installed here. Carry .whl/ along with the repo.
+GPU_WHEEL_PACKAGES := pydantic pydantic_core annotated-types typing-inspection
+gpu-wheels: install
+	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+		$$($(BIN)/python -c "import importlib.metadata as m; print(' '.join(f'{n}=={m.version(n)}' for n in '$(GPU_WHEEL_PACKAGES)'.split()))")
 
 clean:
 	rm -rf $(VENV) demo_run .pytest_cache

@@ -24,6 +24,7 @@ from llava_ray.model.llava import (
     build_llava_model,
     cut_at_markers,
     generate,
+    kept_token_loss_sum,
     merge_lora,
     parameter_groups,
     set_trainable,
@@ -205,6 +206,17 @@ def test_supervised_only_lm_head_gives_the_full_loss_and_gradients(model, tokeni
     torch.testing.assert_close(mean, full.loss / full.num_supervised_tokens)
 
 
+def test_kept_loss_refuses_logits_at_every_position():
+    """An LM that ignores ``logits_to_keep`` returns every position's logits: an error, not a wrong loss."""
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 5, 6], [IGNORE_INDEX, 7, IGNORE_INDEX, IGNORE_INDEX]])
+    keep = torch.tensor([[False, True, True, False], [True, False, False, False]])
+    columns = keep.any(dim=0).nonzero().squeeze(1)
+    loss, count = kept_token_loss_sum(torch.zeros(2, len(columns), 9), labels, keep, columns)
+    assert int(count) == 3 and loss.item() == pytest.approx(3 * torch.log(torch.tensor(9.0)).item())
+    with pytest.raises(ValueError, match="does not take logits_to_keep as positions"):
+        kept_token_loss_sum(torch.zeros(2, 4, 9), labels, keep, columns)
+
+
 def test_unknown_loss_reduction(model, tokenizer):
     input_ids, labels, _ = conversation_batch(tokenizer)
     with pytest.raises(ValueError, match="loss_reduction='avg' is unknown"):
@@ -218,7 +230,7 @@ def test_activation_checkpointing_gives_the_same_gradients(tokenizer):
         model = set_trainable(build_llava_model(TINY, tokenizer), "full").train()
         if checkpointing:
             model.enable_activation_checkpointing()
-            assert model.language_model.is_activation_checkpointing
+            assert any(getattr(m, "gradient_checkpointing", False) for m in model.language_model.modules())
         model(input_ids, labels=labels, pixel_values=pixels(1)).loss.backward()
         grads.append(model.language_model.model.layers[0].mlp.up_proj.weight.grad)
     torch.testing.assert_close(grads[0], grads[1])

@@ -166,9 +166,10 @@ class LlavaModel(nn.Module):
         Packed rows (several samples per row) pass ``position_ids`` restarting at 0 per sample and no
         ``attention_mask``: each sample then attends only to itself.
 
-        ``return_logits=False`` with ``labels`` (training): the LM head and the fp32 cross-entropy run
-        only at positions whose next label is supervised (see :func:`supervised_positions`), so no
-        [tokens, vocab] logits exist; ``logits`` is then None. Same loss and gradients.
+        ``return_logits=False`` with ``labels`` (training): the LM head runs only at positions whose
+        next label is supervised (see :func:`supervised_positions`; in a padded batch of several rows,
+        at the positions supervised in any row) and the fp32 cross-entropy only at the supervised
+        ones, so no [tokens, vocab] logits exist; ``logits`` is then None. Same loss and gradients.
         """
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction={loss_reduction!r} is unknown; use 'mean' or 'sum'")
@@ -181,13 +182,16 @@ class LlavaModel(nn.Module):
             labels = labels.masked_fill(input_ids == self.image_token_id, IGNORE_INDEX)
         keep = None if labels is None or return_logits else supervised_positions(labels)
         if keep is not None:
-            lm_kwargs["logits_to_keep"] = keep  # transformers' LMs then return logits [kept, vocab]
+            # Positions as a 1-D index (every transformers 5 release takes one; a boolean mask only
+            # the later ones): the LM returns logits [rows, columns, vocab] at those columns.
+            columns = keep.any(dim=0).nonzero().squeeze(1)
+            lm_kwargs["logits_to_keep"] = columns
         outputs = self.language_model(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, **lm_kwargs
         )
         loss, count = None, None
         if keep is not None:
-            loss, count = kept_token_loss_sum(outputs.logits, labels, keep)
+            loss, count = kept_token_loss_sum(outputs.logits, labels, keep, columns)
         elif labels is not None:
             loss, count = token_loss_sum(outputs.logits, labels)
         if loss is not None and loss_reduction == "mean":
@@ -195,7 +199,6 @@ class LlavaModel(nn.Module):
         return LlavaOutput(
             loss=loss,
             logits=None if keep is not None else outputs.logits,
-            cache=getattr(outputs, "cache", None),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             num_supervised_tokens=count,
@@ -203,9 +206,12 @@ class LlavaModel(nn.Module):
 
     def enable_activation_checkpointing(self) -> None:
         """Recompute the LM's activations in backward (non-reentrant: works with frozen embeddings)."""
-        self.language_model.activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": False}
-        )
+        kwargs = {"use_reentrant": False}
+        enable = getattr(self.language_model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=kwargs)
+        else:  # transformers releases before the rename
+            self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     # ---- llava-ray's own format ----------------------------------------------------------------
 
@@ -297,16 +303,18 @@ def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
 
 
 def kept_token_loss_sum(
-    logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor
+    logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, columns: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`token_loss_sum` from logits [kept, vocab] computed only where ``keep`` is True."""
-    targets = labels[:, 1:][keep[:, :-1]].to(logits.device)
-    if logits.shape[:-1] != targets.shape:
+    """:func:`token_loss_sum` from logits [rows, len(columns), vocab] computed only at ``columns``,
+    the positions where any row's ``keep`` is True; rows' other positions there are left out."""
+    if logits.shape[:2] != (keep.shape[0], columns.numel()):
         raise ValueError(
-            f"the LM returned logits of shape {tuple(logits.shape)} for {targets.numel()} supervised positions: "
-            "it does not take a boolean logits_to_keep mask; call the model with return_logits=True"
+            f"the LM returned logits of shape {tuple(logits.shape)} for {columns.numel()} kept positions per row: "
+            "it does not take logits_to_keep as positions; call the model with return_logits=True"
         )
-    return F.cross_entropy(logits.float(), targets, reduction="sum"), keep.sum()
+    targets = labels[:, 1:][keep[:, :-1]].to(logits.device)
+    kept = logits[keep[:, columns].to(logits.device)]
+    return F.cross_entropy(kept.float(), targets, reduction="sum"), keep.sum()
 
 
 # ---- building ------------------------------------------------------------------------------------

@@ -283,7 +283,7 @@ def varlen_segments(
     ``query``/``key``/``value``: [rows, heads, width, dim] with as many key as query heads;
     ``lengths``: the segments of all rows, row by row. Returns [rows, width, heads, dim], as
     transformers' attention functions do. ``kernel`` defaults to torch's ``varlen_attn``, whose
-    causal argument is ``is_causal`` in torch 2.10 and ``window_size=(-1, 0)`` in later releases.
+    causal argument is ``is_causal`` in torch 2.10 and ``window_size=(-1, 0)`` from 2.11 on.
     """
     parameters = VARLEN_PARAMETERS if kernel is None else set(inspect.signature(kernel).parameters)
     kernel = kernel or varlen_attn
