@@ -5,7 +5,7 @@ import json
 import pytest
 from mlflow import MlflowClient
 
-from llava_ray.demo import run_demo
+from llava_ray.demo import run_demo, synthetic_data
 
 pytestmark = pytest.mark.integration
 
@@ -52,3 +52,17 @@ def test_demo_runs_the_pipeline_and_tracks_a_parent_with_children(tmp_path, ray_
         for r in reused
         if r.data.tags["llava_ray.job"] == "prepare"
     } == {"True"}
+
+
+def test_synthetic_data_is_reused_only_for_the_same_size_and_seed(tmp_path):
+    first = synthetic_data(tmp_path, samples=6, seed=0)
+    stage1 = tmp_path / "data" / "stage1.json"
+    assert len(json.loads(stage1.read_text())) == 6
+    written = stage1.stat().st_mtime_ns
+    assert synthetic_data(tmp_path, samples=6, seed=0) == first
+    assert stage1.stat().st_mtime_ns == written  # reused, not written again
+    (tmp_path / "prepared" / "pretrain").mkdir(parents=True)  # prepared from the old data
+    resized = synthetic_data(tmp_path, samples=8, seed=0)
+    assert resized["samples"] == 8 and len(json.loads(stage1.read_text())) == 8  # one caption per image
+    assert not (tmp_path / "prepared").exists()
+    assert synthetic_data(tmp_path, samples=8, seed=1)["seed"] == 1

@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workdir", default="demo_run", help="where data, runs and summary go (default demo_run)"
     )
     demo.add_argument(
-        "--samples", type=int, default=None, help="synthetic training images (default: the demo's, 1000)"
+        "--samples", type=int, default=None, help="synthetic training images (default: the demo's, 4000)"
     )
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
