@@ -18,6 +18,7 @@ from transformers import AutoModel, AutoModelForCausalLM
 
 from llava_ray.config.schema import LlavaRayConfig
 from llava_ray.model.llava import LlavaModel, merge_lora, set_trainable
+from llava_ray.utils.console import say
 from llava_ray.utils.storage import filesystem, join_uri
 
 FINAL_DIR = "final"
@@ -85,7 +86,7 @@ def save_final_model(
         if fs.exists(path):
             fs.rm(path, recursive=True)
         fs.put(str(local), path, recursive=True)
-    print(f"[train] final model written to {target}{export_note}", flush=True)
+    say(f"[train] final model written to {target}{export_note}")
     return target
 
 

@@ -38,6 +38,7 @@ from llava_ray.training.metrics import FlopsModel, StepMetrics, format_progress,
 from llava_ray.training.packing import pack_micro_batch, use_segment_attention
 from llava_ray.training.step import StepResult, train_step
 from llava_ray.training.validation import Validation
+from llava_ray.utils.console import say
 from llava_ray.utils.faults import maybe_inject_fault
 
 CHECKPOINT_TAG = "state"
@@ -72,12 +73,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         config, rank, tokenizer.pad_token_id, model, skip_steps=state.step, world_size=world_size
     )
     if rank == 0:
-        print(
+        say(
             f"[train] {config.run.name}: {config.train.stage}/{config.train.trainable}, {total_steps} steps, "
             f"{world_size} workers x {config.train.micro_batch_size} x {accumulation_steps(config, world_size)} "
             f"accumulation, ZeRO-{config.deepspeed.zero_stage}, {resolve_precision(config, device.type == 'cuda')}"
             + (f", resuming at step {state.step}" if state.step else ""),
-            flush=True,
         )
     validation = Validation(
         config, rank, tokenizer.pad_token_id, model.vision_tower.config.image_size, total_steps
@@ -113,14 +113,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             report |= validated
             tracker.log_metrics(validated, step=state.step)
             if rank == 0:
-                print(
-                    f"[train] step {state.step}/{total_steps} val_loss {validated['val_loss']:.4f}",
-                    flush=True,
-                )
+                say(f"[train] step {state.step}/{total_steps} val_loss {validated['val_loss']:.4f}")
         if rank == 0 and (state.step % config.train.log_every_steps == 0 or state.step == total_steps):
             elapsed = time.time() - started
             eta = elapsed / (state.step - start_step) * (total_steps - state.step)
-            print(format_progress(state.step, total_steps, metrics, eta), flush=True)
+            say(format_progress(state.step, total_steps, metrics, eta))
         every = config.checkpoint.every_n_steps
         if state.step < total_steps and every and state.step % every == 0:
             save_checkpoint(engine, state, rank, report)
@@ -292,5 +289,5 @@ def restore_checkpoint(engine: Any, rank: int) -> TrainState:
         state = TrainState(**json.loads((Path(directory) / STATE_FILE).read_text()))
     state.resumed_from_step = state.step
     if rank == 0:
-        print(f"[train] restored checkpoint at step {state.step}", flush=True)
+        say(f"[train] restored checkpoint at step {state.step}")
     return state

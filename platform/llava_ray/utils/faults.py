@@ -21,6 +21,7 @@ import os
 import ray.train
 
 from llava_ray.config.schema import LlavaRayConfig
+from llava_ray.utils.console import say
 from llava_ray.utils.storage import filesystem
 
 FAULT_ENV = "LLAVA_RAY_FAULT"
@@ -52,5 +53,5 @@ def maybe_inject_fault(config: LlavaRayConfig, rank: int, step: int) -> None:
         return
     fs.makedirs(marker.rsplit("/", 1)[0], exist_ok=True)
     fs.pipe(marker, b"")
-    print(f"[fault] killing worker rank {rank} after step {step} ({FAULT_ENV} / fault.* config)", flush=True)
+    say(f"[fault] killing worker rank {rank} after step {step} ({FAULT_ENV} / fault.* config)")
     os._exit(1)
