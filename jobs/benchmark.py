@@ -50,7 +50,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFilter
 
 from llava_ray.config import validate_config
-from llava_ray.model.tokenizer import TINY_TOKENIZER_DIR
+from llava_ray.config.presets import TINY_TOKENIZER_DIR
 from llava_ray.training.benchmark import (
     TRAIN_PRESETS,
     TrainBenchOptions,

@@ -18,7 +18,7 @@ import argparse
 import sys
 
 from llava_ray.config import ConfigError, load_config
-from llava_ray.evaluation import run_evaluate
+from llava_ray.evaluation.job import run_evaluate
 
 
 def main(argv: list[str] | None = None) -> int:

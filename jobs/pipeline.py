@@ -17,8 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from llava_ray.config import ConfigError, LlavaRayConfig
-from llava_ray.config.pipeline import load_pipeline
-from llava_ray.pipeline import run_pipeline
+from llava_ray.workflows.pipeline import load_pipeline, run_pipeline
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +49,7 @@ def evaluate_step(config: LlavaRayConfig) -> Callable[[str, str | None], dict[st
     """Evaluate stage 2's final model with ``config.evaluate``, as a child of the pipeline's run."""
 
     def evaluate(final_model: str, parent_run_id: str | None) -> dict[str, Any]:
-        from llava_ray.evaluation import run_evaluate
+        from llava_ray.evaluation.job import run_evaluate
 
         return run_evaluate(config.evaluate.model_copy(update={"model": final_model}), config, parent_run_id)
 

@@ -5,7 +5,7 @@ import json
 import pytest
 from mlflow import MlflowClient
 
-from llava_ray.demo import run_demo, synthetic_data
+from llava_ray.workflows.demo import run_demo, synthetic_data
 
 pytestmark = pytest.mark.integration
 

@@ -31,21 +31,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from llava_ray.pipeline import prepare_job
+    from llava_ray.workflows.pipeline import prepare_job
 
     prepare_job(_config(args))
     return 0
 
 
 def cmd_generate_data(args: argparse.Namespace) -> int:
-    from llava_ray.pipeline import generate_job
+    from llava_ray.workflows.pipeline import generate_job
 
     generate_job(_config(args))
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from llava_ray.training.trainer import run_train
+    from llava_ray.training.driver import run_train
 
     result = run_train(_config(args))
     print(f"[train] {result.run_name}: {result.steps} steps, final model in {result.final_model}")
@@ -54,14 +54,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from llava_ray.config.sweep import load_sweep
-    from llava_ray.tuning import run_sweep
+    from llava_ray.workflows.tune import run_sweep
 
     run_sweep(*load_sweep(args.config, args.overrides))
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from llava_ray.evaluation import run_evaluate
+    from llava_ray.evaluation.job import run_evaluate
 
     config = _config(args)
     run_evaluate(config.evaluate, config)
@@ -80,14 +80,15 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from llava_ray.model.presets import describe_presets
+    from llava_ray.config.presets import describe_presets
 
     print(describe_presets())
     return 0
 
 
 def cmd_build_tokenizer(args: argparse.Namespace) -> int:
-    from llava_ray.model.tokenizer import tiny_corpus, train_tiny_tokenizer
+    from llava_ray.conversation.tokenizer import train_tiny_tokenizer
+    from llava_ray.data.synthetic import tiny_corpus
 
     out = train_tiny_tokenizer(tiny_corpus(), args.out)
     print(f"tiny tokenizer written to {out}")
@@ -95,7 +96,7 @@ def cmd_build_tokenizer(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from llava_ray.demo import DEMO_SAMPLES, run_demo
+    from llava_ray.workflows.demo import DEMO_SAMPLES, run_demo
 
     samples = DEMO_SAMPLES if args.samples is None else args.samples
     run_demo(args.workdir, samples=samples, seed=args.seed)
@@ -180,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["chat"]:
-        from llava_ray.evaluation import chat_main
+        from llava_ray.evaluation.chat import chat_main
 
         return chat_main(argv[1:])
     args = build_parser().parse_args(argv)

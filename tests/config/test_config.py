@@ -8,8 +8,8 @@ import yaml
 from llava_ray.cli import main
 from llava_ray.config import ConfigError, flatten_config, load_config
 from llava_ray.config.loader import apply_overrides
-from llava_ray.config.pipeline import load_pipeline
 from llava_ray.config.sweep import load_sweep
+from llava_ray.workflows.pipeline import load_pipeline
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((REPO / "jobs").rglob("*.yaml"))

@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from llava_ray.config import ConfigError, LlavaRayConfig
+from llava_ray.conversation.templates import IGNORE_INDEX
 from llava_ray.data import sources as sources_module
 from llava_ray.data.images import transform_image
 from llava_ray.data.prepare import (
@@ -49,7 +50,6 @@ from llava_ray.data.sources import (
     resolve_sources,
 )
 from llava_ray.data.synthetic import generate
-from llava_ray.model.templates import IGNORE_INDEX
 
 SAMPLES = 40
 TEXT_ONLY = 4  # synthetic stage 2 adds 10% text-only samples

@@ -15,11 +15,12 @@ import pytest
 import torch
 
 from llava_ray.config.schema import ModelConfig
+from llava_ray.conversation.templates import IGNORE_INDEX, tokenize_conversation
+from llava_ray.conversation.tokenizer import load_tokenizer
 from llava_ray.data.synthetic import generate
-from llava_ray.evaluation.inference import load_pixels
-from llava_ray.model.llava import build_llava_model, set_trainable
-from llava_ray.model.presets import load_tokenizer
-from llava_ray.model.templates import IGNORE_INDEX, tokenize_conversation
+from llava_ray.evaluation.loaded_model import load_pixels
+from llava_ray.model.build import build_llava_model
+from llava_ray.training.trainable import set_trainable
 
 TINY = ModelConfig(preset="tiny")
 TEMPLATE = "vicuna_v1"

@@ -8,11 +8,17 @@ import sys
 import pytest
 import torch
 
-from llava_ray.evaluation import chat_main, run_chat
-from llava_ray.evaluation.chat import ANSWER_PREFIX, PROMPT, AnswerStreamer, visible_answer
-from llava_ray.evaluation.inference import load_inference_model
-from llava_ray.model.llava import generate
-from llava_ray.model.templates import VICUNA_SYSTEM, get_template, normalize_turns
+from llava_ray.conversation.templates import VICUNA_SYSTEM, get_template, normalize_turns
+from llava_ray.evaluation.chat import (
+    ANSWER_PREFIX,
+    PROMPT,
+    AnswerStreamer,
+    chat_main,
+    run_chat,
+    visible_answer,
+)
+from llava_ray.evaluation.loaded_model import load_inference_model
+from llava_ray.model.generate import generate
 
 # One line each (a message is one line of input); training put a newline before the instruction.
 COLOR_QUESTION = "What color is the shape? Answer the question using a single word or phrase."

@@ -17,10 +17,10 @@ from mlflow import MlflowClient
 
 from llava_ray.config import ConfigError, LlavaRayConfig, dump_config, load_config
 from llava_ray.config.evaluation import EvaluateConfig
-from llava_ray.evaluation import run_evaluate
+from llava_ray.evaluation.batch_generate import GenerationSettings, Predictor, predict
 from llava_ray.evaluation.items import EvalItem, Outcome, load_eval_items
-from llava_ray.evaluation.runner import GenerationSettings, Predictor, predict
-from llava_ray.evaluation.synthetic_eval import score
+from llava_ray.evaluation.job import run_evaluate
+from llava_ray.evaluation.synthetic import score
 from llava_ray.model.export import export_hf
 
 

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 
 from llava_ray.config.evaluation import EvaluateConfig, JudgeConfig
-from llava_ray.evaluation import run_evaluate
+from llava_ray.endpoints.client import EndpointError
 from llava_ray.evaluation.items import Outcome
+from llava_ray.evaluation.job import run_evaluate
 from llava_ray.evaluation.judge import (
     JUDGE_INSTRUCTION,
     JUDGE_SYSTEM,
@@ -33,7 +34,6 @@ from llava_ray.evaluation.judge import (
     parse_scores,
     score,
 )
-from llava_ray.generation.client import EndpointError
 
 API_KEY = "sk-judge-test-secret"
 QUESTION = re.compile(

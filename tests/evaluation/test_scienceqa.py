@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 from llava_ray.config.evaluation import EvaluateConfig
-from llava_ray.evaluation import convert_scienceqa, run_evaluate
 from llava_ray.evaluation.items import Outcome, load_eval_items
-from llava_ray.evaluation.scienceqa import extract_choice, score
+from llava_ray.evaluation.job import run_evaluate
+from llava_ray.evaluation.scienceqa import convert_scienceqa, extract_choice, score
 
 SUFFIX = "\nAnswer with the option's letter from the given choices directly."
 PROBLEMS = {

@@ -18,10 +18,10 @@ from pydantic import ValidationError
 
 from llava_ray.config import ConfigError, validate_config
 from llava_ray.config.generation import GenerateConfig
-from llava_ray.generation import run_generate
-from llava_ray.generation.client import ChatClient, ClientSettings, EndpointError, RequestFailed, TokenBucket
+from llava_ray.endpoints.client import ChatClient, ClientSettings, EndpointError, RequestFailed, TokenBucket
+from llava_ray.endpoints.journal import JOURNAL_SUFFIX, Journal, JournalError
 from llava_ray.generation.context import build_context, load_coco
-from llava_ray.generation.journal import JOURNAL_SUFFIX, Journal, JournalError
+from llava_ray.generation.job import run_generate
 from llava_ray.generation.parse import ReplyRejected, detail_instruction, find_leak, parse_reply
 from llava_ray.generation.prompting import USES_BOXES, build_messages, load_prompts
 
@@ -446,7 +446,7 @@ def test_local_hf_backend_accounts_for_every_request(ray_session, coco_dir, tmp_
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from llava_ray.model.tokenizer import TINY_TOKENIZER_DIR
+    from llava_ray.config.presets import TINY_TOKENIZER_DIR
 
     model_dir = tmp_path / "tiny-chat"
     tokenizer = AutoTokenizer.from_pretrained(TINY_TOKENIZER_DIR)

@@ -9,17 +9,13 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from llava_ray.config.schema import LoraConfig, ModelConfig
-from llava_ray.model.export import chat_template_for, export_hf, hf_generation_config, load_hf_llava
-from llava_ray.model.llava import (
-    build_llava_model,
-    cut_at_markers,
-    end_markers,
-    generate,
-    prompt_input_ids,
-    set_trainable,
-)
-from llava_ray.model.presets import image_token_id, load_tokenizer
-from llava_ray.model.templates import TEMPLATES, get_template, normalize_turns, tokenize_conversation
+from llava_ray.conversation.chat_template import chat_template_for
+from llava_ray.conversation.templates import TEMPLATES, get_template, normalize_turns, tokenize_conversation
+from llava_ray.conversation.tokenizer import image_token_id, load_tokenizer
+from llava_ray.model.build import build_llava_model
+from llava_ray.model.export import export_hf, hf_generation_config, load_hf_llava
+from llava_ray.model.generate import cut_at_markers, end_markers, generate, prompt_input_ids
+from llava_ray.training.trainable import set_trainable
 
 TINY = ModelConfig(preset="tiny")
 POSITIONS = 16  # the tiny preset: 64 px images in 16 px patches
@@ -229,9 +225,8 @@ def test_exported_image_processor_pads_like_prepare(tmp_path):
     from PIL import Image
     from transformers import AutoImageProcessor
 
-    from llava_ray.data.images import pad_to_square, resize_square
+    from llava_ray.data.images import CLIP_MEAN, CLIP_STD, pad_to_square, resize_square
     from llava_ray.model.export import build_processor
-    from llava_ray.training.collate import CLIP_MEAN, CLIP_STD
 
     config = ModelConfig(preset="tiny")
     tokenizer = load_tokenizer(config)

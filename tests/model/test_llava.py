@@ -16,22 +16,15 @@ from transformers import (
 )
 
 from llava_ray.config.schema import LoraConfig, ModelConfig
-from llava_ray.model.llava import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    LlavaModel,
-    StopOnText,
-    build_llava_model,
-    cut_at_markers,
-    generate,
-    kept_token_loss_sum,
-    merge_lora,
-    parameter_groups,
-    set_trainable,
-    token_loss_sum,
-)
-from llava_ray.model.presets import image_token_id, load_tokenizer
-from llava_ray.model.templates import IGNORE_INDEX, tokenize_conversation
+from llava_ray.conversation.templates import IGNORE_INDEX, tokenize_conversation
+from llava_ray.conversation.tokenizer import image_token_id, load_tokenizer
+from llava_ray.model.build import build_llava_model
+from llava_ray.model.generate import StopOnText, cut_at_markers, generate
+from llava_ray.model.llava import LlavaModel
+from llava_ray.model.loss import kept_token_loss_sum, token_loss_sum
+from llava_ray.model.weights import CONFIG_FILE, WEIGHTS_FILE
+from llava_ray.training.optim import parameter_groups
+from llava_ray.training.trainable import merge_lora, set_trainable
 
 TINY = ModelConfig(preset="tiny")
 POSITIONS = 16  # 64 px images in 16 px patches (the tiny preset)

@@ -4,21 +4,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from llava_ray.config.model_sources import image_positions, resolve_sources
+from llava_ray.config.presets import PRESETS, TINY_TOKENIZER_DIR
 from llava_ray.config.schema import ModelConfig
-from llava_ray.data.synthetic import corpus_texts
+from llava_ray.conversation.templates import template_fixed_texts
+from llava_ray.conversation.tokenizer import IMAGE_TOKEN, image_token_id, load_tokenizer, train_tiny_tokenizer
+from llava_ray.data.synthetic import corpus_texts, tiny_corpus
 from llava_ray.model.presets import (
-    PRESETS,
     build_language_model,
     build_lm_config,
     build_vision_tower,
-    image_positions,
-    image_token_id,
-    load_tokenizer,
-    resolve_sources,
     sincos_position_embedding,
 )
-from llava_ray.model.templates import template_fixed_texts
-from llava_ray.model.tokenizer import IMAGE_TOKEN, TINY_TOKENIZER_DIR, tiny_corpus, train_tiny_tokenizer
 
 
 def test_tiny_preset_builds_offline_with_its_shapes():

@@ -16,9 +16,9 @@ from mlflow import MlflowClient
 
 from llava_ray.config import load_config
 from llava_ray.data.synthetic import generate
-from llava_ray.pipeline import prepare_job
 from llava_ray.tracking.mlflow_tracking import TrackingUnavailable, redact, tracked_run
-from llava_ray.training.trainer import run_train
+from llava_ray.training.driver import run_train
+from llava_ray.workflows.pipeline import prepare_job
 
 SECRET = "planted-secret-123"
 MLFLOW = Path(sys.executable).with_name("mlflow")

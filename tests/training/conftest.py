@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 
 from llava_ray.config.schema import ModelConfig
+from llava_ray.conversation.templates import tokenize_conversation
+from llava_ray.conversation.tokenizer import load_tokenizer
 from llava_ray.data.synthetic import generate
-from llava_ray.model.presets import load_tokenizer
-from llava_ray.model.templates import tokenize_conversation
 
 IMAGE_SIZE = 64
 IMAGE_POSITIONS = 16  # the tiny preset: 64 px images in 16 px patches

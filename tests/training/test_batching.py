@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from llava_ray.training.batching import build_schedule, global_batches, split_global_batch
+from llava_ray.training.schedule import build_schedule, global_batches, split_global_batch
 
 
 def data(n=100, seed=0):

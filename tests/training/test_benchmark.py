@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llava_ray.model.templates import IGNORE_INDEX
+from llava_ray.conversation.templates import IGNORE_INDEX
 from llava_ray.training.benchmark import (
     LLAVA_665K_MIX,
     TrainBenchOptions,

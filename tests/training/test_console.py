@@ -9,7 +9,7 @@ import pytest
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from llava_ray.utils.console import say
+from llava_ray.utils.logging import say
 
 pytestmark = pytest.mark.integration
 

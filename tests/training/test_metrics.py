@@ -1,9 +1,10 @@
 """Step metrics: the FLOPs model behind MFU and the progress line."""
 
 from llava_ray.config.schema import ModelConfig
-from llava_ray.model.llava import build_llava_model, set_trainable
-from llava_ray.model.presets import load_tokenizer
+from llava_ray.conversation.tokenizer import load_tokenizer
+from llava_ray.model.build import build_llava_model
 from llava_ray.training.metrics import FlopsModel, StepMetrics, format_progress
+from llava_ray.training.trainable import set_trainable
 
 
 def test_flops_count_backward_through_a_frozen_lm():

@@ -12,14 +12,15 @@ import torch
 
 from llava_ray.config import load_config
 from llava_ray.config.schema import ModelConfig
-from llava_ray.model.llava import build_llava_model, set_trainable
-from llava_ray.model.presets import image_token_id
-from llava_ray.model.templates import IGNORE_INDEX
-from llava_ray.training.batching import build_schedule
+from llava_ray.conversation.templates import IGNORE_INDEX
+from llava_ray.conversation.tokenizer import image_token_id
+from llava_ray.model.build import build_llava_model
 from llava_ray.training.collate import collate_rows, image_to_tensor
-from llava_ray.training.loop import micro_batches
 from llava_ray.training.packing import pack_micro_batch, use_segment_attention
+from llava_ray.training.schedule import build_schedule
 from llava_ray.training.step import PlainEngine, train_step
+from llava_ray.training.trainable import set_trainable
+from llava_ray.training.worker import micro_batches
 
 IMAGE_SIZE = 64
 IMAGE_POSITIONS = 16  # the tiny preset: 64 px images in 16 px patches

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from llava_ray.config.schema import ModelConfig
-from llava_ray.model.llava import build_llava_model, set_trainable
-from llava_ray.model.templates import IGNORE_INDEX
+from llava_ray.conversation.templates import IGNORE_INDEX
+from llava_ray.model.build import build_llava_model
 from llava_ray.training.collate import collate_rows, image_to_tensor, rows_from_columns
 from llava_ray.training.packing import (
     block_causal_mask,
@@ -23,6 +23,7 @@ from llava_ray.training.packing import (
     varlen_applies,
     varlen_segments,
 )
+from llava_ray.training.trainable import set_trainable
 
 IMAGE_SIZE = 64
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "position_ids")

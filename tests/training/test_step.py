@@ -6,11 +6,13 @@ import pytest
 import torch
 
 from llava_ray.config import load_config
-from llava_ray.model.llava import build_llava_model, set_trainable
-from llava_ray.model.templates import IGNORE_INDEX
-from llava_ray.training.collate import CLIP_MEAN, CLIP_STD, collate_rows
-from llava_ray.training.engine import build_optimizer, build_scheduler, deepspeed_config
+from llava_ray.conversation.templates import IGNORE_INDEX
+from llava_ray.data.images import CLIP_MEAN, CLIP_STD
+from llava_ray.model.build import build_llava_model
+from llava_ray.training.collate import collate_rows
+from llava_ray.training.optim import build_optimizer, build_scheduler, deepspeed_config
 from llava_ray.training.step import PlainEngine, train_step
+from llava_ray.training.trainable import set_trainable
 
 CPU = torch.device("cpu")
 

@@ -13,11 +13,12 @@ import s3fs
 import torch
 
 from llava_ray.config import load_config
+from llava_ray.conversation.tokenizer import load_tokenizer
 from llava_ray.data.prepare import run_prepare
 from llava_ray.data.synthetic import generate
-from llava_ray.model.llava import LlavaModel, build_llava_model
-from llava_ray.model.presets import load_tokenizer
-from llava_ray.training.trainer import run_train
+from llava_ray.model.build import build_llava_model
+from llava_ray.model.llava import LlavaModel
+from llava_ray.training.driver import run_train
 
 pytestmark = pytest.mark.integration
 

@@ -5,7 +5,7 @@ import pytest
 import ray
 
 from llava_ray.config import load_config
-from llava_ray.training.trainer import scheduled_datasets, train_problems
+from llava_ray.training.driver import scheduled_datasets, train_problems
 
 
 def test_train_problems_are_found_before_any_work(tmp_path):

@@ -14,7 +14,7 @@ from llava_ray.config import ConfigError, load_config
 from llava_ray.config.loader import parse_override
 from llava_ray.config.sweep import SearchDomain, load_sweep, override
 from llava_ray.training.validation import split_validation, validation_plan
-from llava_ray.tuning import best_config_for, trial_config
+from llava_ray.workflows.tune import best_config_for, trial_config
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_SWEEP = REPO / "jobs/sweeps/tiny/projector_lr.yaml"

@@ -19,8 +19,8 @@ from llava_ray.config import load_config
 from llava_ray.config.sweep import load_sweep
 from llava_ray.data.prepare import run_prepare
 from llava_ray.data.synthetic import generate
-from llava_ray.training.trainer import run_train
-from llava_ray.tuning import BEST_CONFIG, run_sweep
+from llava_ray.training.driver import run_train
+from llava_ray.workflows.tune import BEST_CONFIG, run_sweep
 
 pytestmark = pytest.mark.integration
 

@@ -3,7 +3,7 @@
 Read by :func:`llava_ray.evaluation.run_evaluate` (``llava-ray evaluate``, ``jobs/evaluate.py``).
 Every field has a default so the root config builds without the section; what a run needs (a
 model, a data file, a judge model for ``llava_bench``) is checked by
-:func:`llava_ray.evaluation.evaluate.evaluate_problems` before any model is loaded.
+:func:`llava_ray.evaluation.job.evaluate_problems` before any model is loaded.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Read by :func:`llava_ray.generation.run_generate` (``llava-ray generate-data``,
 ``jobs/generate_data.py``). Every field has a default so the root config builds without the
 section; what a run needs (paths, a model) is checked by
-:func:`llava_ray.generation.pipeline.generate_problems` before any request is made.
+:func:`llava_ray.generation.job.generate_problems` before any request is made.
 """
 
 from __future__ import annotations

@@ -16,10 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from llava_ray.config.evaluation import EvaluateConfig
 from llava_ray.config.generation import GenerateConfig
+from llava_ray.config.presets import PRESETS
 
 PROJECTOR_PATTERN = re.compile(r"^(linear|identity|mlp([1-9][0-9]*)x_gelu)$")
-TEMPLATES = ("plain", "vicuna_v1", "llava_v1", "llava_llama_2", "chatml", "tokenizer")
-PRESETS = ("tiny", "llava-1.5-7b", "llava-1.5-13b")
+# The names a config may use. Presets are declared in config.presets; conversation.templates declares one
+# template per TEMPLATE_NAMES entry and checks at import that the two lists agree.
+PresetName = Literal.__getitem__(tuple(PRESETS))
+TEMPLATE_NAMES = ("plain", "vicuna_v1", "llava_v1", "llava_llama_2", "chatml", "tokenizer")
+TemplateName = Literal.__getitem__(TEMPLATE_NAMES)
 
 # LLaVA-1.5's recipe (../shared/LLAVA_REFERENCE.md), keyed by (stage, trainable).
 STAGE_RECIPES: dict[tuple[str, str], dict[str, dict[str, Any]]] = {
@@ -65,7 +69,7 @@ class RunConfig(Section):
 
 
 class ModelConfig(Section):
-    preset: Literal["tiny", "llava-1.5-7b", "llava-1.5-13b"] = Field(
+    preset: PresetName = Field(
         "llava-1.5-7b", description="Model preset: 'tiny' (random init, offline) or LLaVA-1.5's 7B/13B parts."
     )
     init: Literal["pretrained", "random"] = Field(
@@ -136,7 +140,7 @@ class DataSource(Section):
 
 class DataConfig(Section):
     sources: list[DataSource] = Field(default_factory=list, description="Input data sources (LLaVA format).")
-    template: Literal["plain", "vicuna_v1", "llava_v1", "llava_llama_2", "chatml", "tokenizer"] = Field(
+    template: TemplateName = Field(
         "vicuna_v1", description="Conversation template (stage default: plain for pretrain, vicuna_v1 after)."
     )
     image_aspect: Literal["pad", "crop", "resize"] = Field(

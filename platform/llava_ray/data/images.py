@@ -13,6 +13,8 @@ One function per step, each usable alone (the tests call them one by one):
   image centred on a square of CLIP's mean colour), ``crop`` (centre square) or ``resize``.
 - :func:`process_image` chains them, resizes to the vision tower's size (bicubic, as CLIP's image
   processor does) and encodes the result compactly (JPEG or PNG bytes, never float tensors).
+- :func:`normalize_image` / :func:`stored_image_array`: the one place CLIP's mean and std are applied,
+  for training batches (``training.collate``), evaluation and chat alike. NumPy arrays: no torch here.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from PIL import Image, UnidentifiedImageError
 
 # CLIP's normalisation mean as 8-bit RGB: what LLaVA-1.5 pads non-square images with.
 CLIP_MEAN_RGB = (122, 116, 104)
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 WHITE = (255, 255, 255)
 
 Aspect = Literal["pad", "crop", "resize"]
@@ -186,3 +190,20 @@ def decode_stored_image(data: bytes) -> Image.Image:
     """A stored (already processed) image back as a loaded RGB ``PIL.Image``."""
     with Image.open(io.BytesIO(data)) as image:
         return image.convert("RGB")
+
+
+def normalize_image(image: Image.Image) -> np.ndarray:
+    """An RGB image as the vision tower's input: float32 ``(3, H, W)`` normalised with CLIP's mean and std."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return ((array - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1).copy()
+
+
+def stored_image_array(data: bytes, image_size: int) -> np.ndarray:
+    """A stored (prepared) image as a normalised ``(3, S, S)`` array; it must already be ``image_size`` wide."""
+    with Image.open(io.BytesIO(data)) as image:
+        if image.size != (image_size, image_size):
+            raise ValueError(
+                f"prepared image is {image.size[0]}x{image.size[1]}, the vision tower takes {image_size}x{image_size}; "
+                "prepare the data again with this model preset"
+            )
+        return normalize_image(image)

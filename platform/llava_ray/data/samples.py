@@ -7,7 +7,7 @@ reason; cheap text checks run before any image is fetched):
 1. the record's fields (:func:`llava_ray.data.sources.parse_record`);
 2. ``<image>`` placeholders: as many as the sample has images (``image_count_mismatch``), none in a
    text-only sample (``image_token_in_text_only``);
-3. rendering and tokenising with :func:`llava_ray.model.templates.tokenize_conversation`, whose
+3. rendering and tokenising with :func:`llava_ray.conversation.templates.tokenize_conversation`, whose
    ``TemplateError.reason`` is the skip reason (``roles_not_alternating``, ``empty_turn``,
    ``no_supervised_tokens``, ``truncated_inside_image``, ...); the rendered images must match the
    sample's (``template_image_mismatch``) and survive truncation (``image_truncated_away``);
@@ -39,11 +39,11 @@ from transformers import PreTrainedTokenizerBase
 
 from llava_ray.config.loader import ConfigError
 from llava_ray.config.schema import LlavaRayConfig, ModelConfig
+from llava_ray.conversation.templates import TemplateError, tokenize_conversation
+from llava_ray.conversation.tokenizer import IMAGE_TOKEN
 from llava_ray.data.images import ImageError, ImageSettings, decode_stored_image, process_image
 from llava_ray.data.report import Skip
 from llava_ray.data.sources import RecordError, SampleRecord, Source, WorkItem, parse_record, resolve_sources
-from llava_ray.model.templates import TemplateError, tokenize_conversation
-from llava_ray.model.tokenizer import IMAGE_TOKEN
 from llava_ray.utils.storage import filesystem, is_remote
 
 PREPARED_SCHEMA = pa.schema(
@@ -81,7 +81,8 @@ class PrepareSettings:
     def from_config(cls, config: LlavaRayConfig, tokenizer: PreTrainedTokenizerBase) -> PrepareSettings:
         # Imported here: presets pulls in torch and the model classes (seconds per process), which
         # the workers that import this module never need.
-        from llava_ray.model.presets import build_vision_config, image_positions, image_token_id
+        from llava_ray.config.model_sources import build_vision_config, image_positions
+        from llava_ray.conversation.tokenizer import image_token_id
 
         vision = build_vision_config(config.model)
         data = config.data
@@ -247,7 +248,7 @@ def load_checked_tokenizer(config: LlavaRayConfig) -> PreTrainedTokenizerBase:
     A template that cannot work with this tokenizer (``tokenizer`` without generation markers)
     would fail every sample; it raises :class:`ConfigError` here instead, before any work.
     """
-    from llava_ray.model.presets import load_tokenizer  # see PrepareSettings.from_config
+    from llava_ray.conversation.tokenizer import load_tokenizer
 
     template = config.data.template
     try:

@@ -483,3 +483,11 @@ def _coco_annotations(scenes: list[Scene]) -> tuple[dict[str, Any], dict[str, An
         ],
     }
     return instances, captions
+
+
+def tiny_corpus() -> list[str]:
+    """The texts the tiny tokenizer is trained on: the synthetic data and the templates' fixed text."""
+    from llava_ray.conversation.templates import template_fixed_texts
+    from llava_ray.data.synthetic import corpus_texts
+
+    return [*corpus_texts(), *template_fixed_texts()]

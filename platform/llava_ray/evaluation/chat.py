@@ -11,7 +11,7 @@ turn sees the whole history. Run it as ``llava-ray chat --model RUN/final --imag
     /quit         leave (so does end of input, Ctrl-D)
 
 Images go through the same preprocessing as training (pad to a square in CLIP's mean colour,
-resize; :func:`llava_ray.evaluation.inference.load_pixels`). LLaVA is trained with one image at
+resize; :func:`llava_ray.evaluation.loaded_model.load_pixels`). LLaVA is trained with one image at
 the start of a conversation; later images work but are outside what it was trained on.
 """
 
@@ -28,11 +28,11 @@ import torch
 from transformers import PreTrainedTokenizerBase
 from transformers.generation.streamers import BaseStreamer
 
+from llava_ray.conversation.templates import TemplateError, get_template, normalize_turns
+from llava_ray.conversation.tokenizer import IMAGE_TOKEN
 from llava_ray.data.images import Aspect, ImageError
-from llava_ray.evaluation.inference import InferenceModel, load_inference_model, load_pixels
-from llava_ray.model.llava import end_markers, generate
-from llava_ray.model.templates import TemplateError, get_template, normalize_turns
-from llava_ray.model.tokenizer import IMAGE_TOKEN
+from llava_ray.evaluation.loaded_model import InferenceModel, load_inference_model, load_pixels
+from llava_ray.model.generate import end_markers, generate
 
 PROMPT = "USER> "
 ANSWER_PREFIX = "ASSISTANT> "

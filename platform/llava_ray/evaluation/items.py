@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llava_ray.conversation.tokenizer import IMAGE_TOKEN
 from llava_ray.data.report import MAX_EXAMPLES
-from llava_ray.model.tokenizer import IMAGE_TOKEN
 from llava_ray.utils.storage import is_remote, local_copy
 
 ITEM_KEYS = ("id", "image", "conversations")

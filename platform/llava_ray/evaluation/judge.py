@@ -20,7 +20,7 @@ reference code averaged it in as -1). A request that fails after its retries is 
 ``review_failed``, excluded, and asked again by the next run.
 
 Requests run ``max_concurrency`` at a time with retries and exponential backoff on 429, 5xx and
-timeouts (:class:`llava_ray.generation.client.ChatClient`). Every review is appended to
+timeouts (:class:`llava_ray.endpoints.client.ChatClient`). Every review is appended to
 ``reviews.jsonl`` (one JSON line, flushed) as it arrives; a rerun skips the ids already reviewed
 for the same answer and reference, so an interrupted run resumes where it stopped.
 """
@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from llava_ray.config.evaluation import JudgeConfig
+from llava_ray.endpoints.client import ChatClient, ClientSettings, EndpointError, RequestFailed
+from llava_ray.endpoints.journal import Journal
 from llava_ray.evaluation.items import (
     EvalItem,
     Outcome,
@@ -44,8 +46,6 @@ from llava_ray.evaluation.items import (
     read_records,
     with_image_placeholder,
 )
-from llava_ray.generation.client import ChatClient, ClientSettings, EndpointError, RequestFailed
-from llava_ray.generation.journal import Journal
 
 CATEGORY_NAMES = {
     "conv": "conversation",

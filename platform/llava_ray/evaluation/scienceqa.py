@@ -38,9 +38,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from llava_ray.conversation.tokenizer import IMAGE_TOKEN
 from llava_ray.data.report import MAX_EXAMPLES
 from llava_ray.evaluation.items import EvalItem, Outcome, accuracy, base_row, load_eval_items
-from llava_ray.model.tokenizer import IMAGE_TOKEN
 from llava_ray.utils.storage import filesystem, local_copy
 
 __all__ = ["convert_scienceqa", "extract_choice", "load_items", "scienceqa_prompt", "score"]

@@ -25,7 +25,7 @@ from __future__ import annotations
 import random
 import re
 
-from llava_ray.model.tokenizer import IMAGE_TOKEN
+from llava_ray.conversation.tokenizer import IMAGE_TOKEN
 
 _MARKER = re.compile(
     r"^\s*(?:[-*>#]+\s+)?(?:\*\*|__)?(question|answer)(?:\s*\d+)?\s*(?:\*\*|__)?\s*:\s*(?:\*\*|__)?\s*(.*)$",

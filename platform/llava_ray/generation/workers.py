@@ -6,7 +6,7 @@ or why there is none (``error``, ``detail``), with the number of ``attempts``. E
 gives exactly one output row, so the driver can account for every request.
 
 - :class:`EndpointWorker` (backend ``openai``) runs its batch's requests concurrently on a thread
-  pool of ``concurrency`` threads behind its own :class:`~llava_ray.generation.client.TokenBucket`.
+  pool of ``concurrency`` threads behind its own :class:`~llava_ray.endpoints.client.TokenBucket`.
   The pipeline gives each of the N actors 1/N of ``max_concurrency`` and of
   ``requests_per_second``, so the whole pool never exceeds the configured budget.
 - :class:`LocalModelWorker` (backend ``hf``) loads a Hugging Face causal LM once per actor and
@@ -21,7 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from llava_ray.generation.client import ChatClient, ClientSettings, EndpointError, RequestFailed, TokenBucket
+from llava_ray.endpoints.client import ChatClient, ClientSettings, EndpointError, RequestFailed, TokenBucket
 
 # The ``error`` of a row whose request the endpoint refused outright (bad key, URL or model): not a
 # skip but a signal for the driver to stop the run, since every other request would fail alike.

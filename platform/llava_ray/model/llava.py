@@ -18,44 +18,40 @@ with their real shapes (the reference's ZeRO-3 ``size mismatch ... torch.Size([0
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
-from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, get_peft_model
-from safetensors.torch import load_file, save_model
+from peft import PeftModel
+from safetensors.torch import save_model
 from torch import nn
 from transformers import (
-    AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
     CLIPVisionConfig,
-    GenerationConfig,
-    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    StoppingCriteria,
-    StoppingCriteriaList,
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from llava_ray.config.schema import LoraConfig, ModelConfig
-from llava_ray.model.presets import build_language_model, build_vision_tower, image_positions, image_token_id
+from llava_ray.config.model_sources import image_positions
+from llava_ray.conversation.templates import IGNORE_INDEX
+from llava_ray.model.loss import kept_token_loss_sum, supervised_positions, token_loss_sum
 from llava_ray.model.projector import build_projector
-from llava_ray.model.templates import IGNORE_INDEX, get_template, tokenize_prompt
-from llava_ray.model.tokenizer import IMAGE_TOKEN
+from llava_ray.model.weights import (
+    CONFIG_FILE,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    WEIGHTS_FILE,
+    config_from_dict,
+    load_weights,
+    read_llava_ray_config,
+    read_weights,
+)
 from llava_ray.utils.storage import local_copy
 
-CONFIG_FILE = "llava_ray_config.json"
-WEIGHTS_FILE = "model.safetensors"
-FORMAT_NAME = "llava-ray"
-FORMAT_VERSION = 1
 SELECT_FEATURES = ("patch", "cls_patch")
-TRAINABLE = ("projector", "full", "lora")
 
 
 @dataclass
@@ -275,429 +271,61 @@ def check_placeholder_count(found: int, num_images: int, positions: int, token_i
         )
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of next-token cross-entropies over supervised labels, and how many there are.
-
-    Position t predicts label t+1; labels equal to ``IGNORE_INDEX`` count for nothing.
-    """
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:].to(logits.device)
-    loss_sum = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return loss_sum, (shift_labels != IGNORE_INDEX).sum()
 
 
-def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
-    """Bool [B, T]: the positions whose next label carries a loss (position t predicts label t+1).
-
-    In LLaVA's data a minority (answers, not prompts, images or padding): the only positions where
-    training needs the LM head at all.
-    """
-    keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    return keep
 
 
-def kept_token_loss_sum(
-    logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, columns: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`token_loss_sum` from logits [rows, len(columns), vocab] computed only at ``columns``,
-    the positions where any row's ``keep`` is True; rows' other positions there are left out."""
-    if logits.shape[:2] != (keep.shape[0], columns.numel()):
-        raise ValueError(
-            f"the LM returned logits of shape {tuple(logits.shape)} for {columns.numel()} kept positions per row: "
-            "it does not take logits_to_keep as positions; call the model with return_logits=True"
-        )
-    targets = labels[:, 1:][keep[:, :-1]].to(logits.device)
-    kept = logits[keep[:, columns].to(logits.device)]
-    return F.cross_entropy(kept.float(), targets, reduction="sum"), keep.sum()
 
 
 # ---- building ------------------------------------------------------------------------------------
 
 
-def build_llava_model(
-    model_config: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0
-) -> LlavaModel:
-    """The model a config describes, with ``init_from`` and ``projector_weights`` loaded.
-
-    With ``init_from`` the architecture is the saved one (nothing else downloads); the config's
-    projector and feature selection must agree with it.
-    """
-    if model_config.init_from is not None:
-        model = load_init_from(model_config.init_from)
-        check_compatible(model, model_config, tokenizer)
-    else:
-        vision_tower = build_vision_tower(model_config, seed=seed)
-        language_model = build_language_model(model_config, tokenizer, seed=seed)
-        torch.manual_seed(seed)  # the projector's init depends on the seed alone
-        model = LlavaModel(
-            vision_tower,
-            language_model,
-            projector=model_config.projector,
-            image_token_id=image_token_id(tokenizer),
-            vision_select_layer=model_config.vision_select_layer,
-            vision_select_feature=model_config.vision_select_feature,
-        )
-    if model_config.projector_weights is not None:
-        load_projector_weights(model, model_config.projector_weights)
-    return model
 
 
-def load_init_from(source: str) -> LlavaModel:
-    """A llava-ray folder (``llava_ray_config.json``) or a Hugging Face LLaVA folder, local or remote."""
-    # Imported here: export builds on this module, and only this path needs export's HF mapping.
-    from llava_ray.model.export import is_hf_llava_dir, load_hf_llava
-
-    path = Path(local_copy(source))
-    if (path / CONFIG_FILE).is_file():
-        return LlavaModel.from_pretrained(path)
-    if is_hf_llava_dir(path):
-        return load_hf_llava(path)
-    raise ValueError(
-        f"model.init_from={source!r} is neither a llava-ray model folder (with {CONFIG_FILE}) nor a Hugging Face "
-        "LLaVA folder (config.json with model_type 'llava'); point it at a saved or exported model"
-    )
 
 
-def check_compatible(
-    model: LlavaModel, model_config: ModelConfig, tokenizer: PreTrainedTokenizerBase
-) -> None:
-    """Raise when the loaded model disagrees with the config or the tokenizer, naming every difference."""
-    problems = []
-    for key, saved in (
-        ("projector", model.projector_name),
-        ("vision_select_layer", model.vision_select_layer),
-        ("vision_select_feature", model.vision_select_feature),
-    ):
-        wanted = getattr(model_config, key)
-        if wanted != saved:
-            problems.append(
-                f"model.{key}={wanted!r} but init_from was saved with {saved!r}; set model.{key}={saved!r}"
-            )
-    token_id = image_token_id(tokenizer)
-    if token_id != model.image_token_id:
-        problems.append(
-            f"the tokenizer's {IMAGE_TOKEN} id is {token_id} but init_from uses {model.image_token_id}; "
-            "use the tokenizer saved with init_from (model.tokenizer=<init_from folder>)"
-        )
-    rows = model.language_model.get_input_embeddings().num_embeddings
-    if rows < len(tokenizer):
-        problems.append(
-            f"the tokenizer has {len(tokenizer)} tokens but init_from's embedding has {rows} rows; "
-            "use the tokenizer saved with init_from (model.tokenizer=<init_from folder>)"
-        )
-    if problems:
-        raise ValueError(
-            f"model.init_from={model_config.init_from!r} does not fit the config: " + "; ".join(problems)
-        )
 
 
-def read_llava_ray_config(model_dir: Path) -> dict[str, Any]:
-    path = model_dir / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{model_dir} has no {CONFIG_FILE}, so it is not a llava-ray model folder; "
-            "save one with LlavaModel.save_pretrained (a Hugging Face LLaVA folder loads with load_hf_llava)"
-        )
-    record = json.loads(path.read_text())
-    if record.get("format") != FORMAT_NAME or record.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(
-            f"{path} is format {record.get('format')!r} version {record.get('format_version')!r}; this llava-ray "
-            f"reads {FORMAT_NAME!r} up to version {FORMAT_VERSION}: upgrade llava-ray"
-        )
-    return record
 
 
-def config_from_dict(values: Mapping[str, Any]) -> PretrainedConfig:
-    """A transformers config from its ``to_dict()`` (``model_type`` picks the class)."""
-    values = dict(values)
-    return AutoConfig.for_model(values.pop("model_type"), **values)
 
 
 # ---- weights -------------------------------------------------------------------------------------
 
 
-def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a weights file or folder: safetensors (single or sharded) or a PyTorch ``.bin``.
-
-    ``.bin`` files load with ``weights_only=True``: tensors only, never arbitrary pickled objects.
-    """
-    path = Path(path)
-    if path.is_dir():
-        return _read_weights_dir(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no weights at {path}")
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _read_weights_dir(path: Path) -> dict[str, torch.Tensor]:
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = path / index_name
-        if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return {key: value for shard in shards for key, value in read_weights(path / shard).items()}
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (path / name).is_file():
-            return read_weights(path / name)
-    found = sorted(p.name for p in path.iterdir())
-    raise FileNotFoundError(
-        f"{path} holds no model.safetensors or pytorch_model.bin (or their index); found {found}"
-    )
 
 
-def load_weights(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Load ``state`` into ``module``, raising once with every missing, unexpected and misshapen key.
-
-    Tolerated: a tied weight saved under one of its names, and non-persistent buffers (older
-    checkpoints stored ``position_ids`` and ``inv_freq``).
-    """
-    expected = module.state_dict()
-    buffers = {name for name, _ in module.named_buffers()}
-    missing = [key for key in expected if key not in state and not _tied_key_present(module, key, state)]
-    unexpected = [key for key in state if key not in expected and key not in buffers]
-    misshapen = [
-        f"{key}: file {tuple(state[key].shape)} vs model {tuple(expected[key].shape)}"
-        for key in expected
-        if key in state and state[key].shape != expected[key].shape
-    ]
-    problems = [
-        f"{label} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
-        for label, keys in (
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-            ("shape mismatches", misshapen),
-        )
-        if keys
-    ]
-    if problems:
-        raise ValueError(
-            f"cannot load {source} into {type(module).__name__}: "
-            + "; ".join(problems)
-            + ". Check that the file was saved from the same architecture (preset, projector, tokenizer)"
-        )
-    module.load_state_dict({key: value for key, value in state.items() if key in expected}, strict=False)
 
 
-def _tied_key_present(module: nn.Module, key: str, state: Mapping[str, torch.Tensor]) -> bool:
-    """True when ``key`` shares its tensor with another key that ``state`` holds (tied embeddings)."""
-    tensors = module.state_dict(keep_vars=True)
-    target = tensors[key]
-    return any(other in state and tensor is target for other, tensor in tensors.items() if other != key)
 
 
-def load_projector_weights(model: LlavaModel, path: str) -> None:
-    """Load a reference stage-1 projector file (``model.mm_projector.0.weight``, ...) into the projector."""
-    state = read_weights(local_copy(path))
-    marker = "mm_projector."
-    projector_state = {key.split(marker, 1)[1]: value for key, value in state.items() if marker in key}
-    if not projector_state:
-        raise ValueError(
-            f"model.projector_weights={path!r} holds no '{marker}*' keys (found: {', '.join(sorted(state)[:8])}); "
-            "point it at the reference's stage-1 mm_projector.bin"
-        )
-    load_weights(model.projector, projector_state, source=f"{path} (projector {model.projector_name})")
 
 
 # ---- what trains ---------------------------------------------------------------------------------
 
 
-def set_trainable(
-    model: LlavaModel,
-    trainable: Literal["projector", "full", "lora"],
-    freeze_vision_tower: bool = True,
-    lora: LoraConfig | None = None,
-) -> LlavaModel:
-    """Mark what trains: the projector always; ``full`` adds the LM, ``lora`` adds LoRA adapters on it.
-
-    ``lora`` wraps the LM with peft adapters (once) and trains only those of its parameters.
-    """
-    if trainable not in TRAINABLE:
-        raise ValueError(f"trainable={trainable!r} is unknown; use one of {', '.join(TRAINABLE)}")
-    if trainable != "lora" and model.has_lora:
-        raise ValueError(
-            f"trainable={trainable!r} but the LM carries LoRA adapters; call merge_lora(model) first"
-        )
-    model.requires_grad_(False)
-    if trainable == "full":
-        model.language_model.requires_grad_(True)
-    elif trainable == "lora":
-        if not model.has_lora:
-            model.language_model = get_peft_model(
-                model.language_model, peft_lora_config(lora or LoraConfig())
-            )
-        for name, parameter in model.language_model.named_parameters():
-            parameter.requires_grad_("lora_" in name)
-    model.projector.requires_grad_(True)
-    model.vision_tower.requires_grad_(not freeze_vision_tower)
-    return model
 
 
-def peft_lora_config(lora: LoraConfig) -> PeftLoraConfig:
-    """Our LoRA settings as peft's (``all-linear``: every linear layer of the LM but its output head)."""
-    return PeftLoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
 
 
-def merge_lora(model: LlavaModel) -> LlavaModel:
-    """Fold LoRA adapters into the LM's weights (a plain LM again, ready to save or export); no-op without."""
-    if model.has_lora:
-        model.language_model = model.language_model.merge_and_unload()
-    return model
 
 
-def parameter_groups(
-    model: LlavaModel, lr: float, projector_lr: float | None = None, weight_decay: float = 0.0
-) -> list[dict[str, Any]]:
-    """Optimizer groups of the trainable parameters: the projector at ``projector_lr``, the rest at ``lr``.
-
-    Biases and norm weights (1-D parameters) take no weight decay. Each group has a ``name``.
-    """
-    projector_ids = {id(p) for p in model.projector.parameters()}
-    groups: dict[str, dict[str, Any]] = {}
-    for parameter in model.parameters():
-        if not parameter.requires_grad:
-            continue
-        owner = "projector" if id(parameter) in projector_ids else "model"
-        decays = parameter.ndim >= 2 and weight_decay > 0
-        group_name = owner if decays else f"{owner}_no_decay"
-        group = groups.setdefault(
-            group_name,
-            {
-                "name": group_name,
-                "params": [],
-                "lr": projector_lr if owner == "projector" and projector_lr is not None else lr,
-                "weight_decay": weight_decay if decays else 0.0,
-            },
-        )
-        group["params"].append(parameter)
-    if not groups:
-        raise ValueError("the model has no trainable parameters; call set_trainable(model, ...) first")
-    return list(groups.values())
 
 
 # ---- generation ----------------------------------------------------------------------------------
 
 
-# Generation prompts are tokenized by the templates module, the one implementation training uses.
-prompt_input_ids = tokenize_prompt
 
 
-def end_markers(template_name: str, tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    """Texts that end an answer: the template's end marker, and the tokenizer's EOS."""
-    markers = [] if template_name == "tokenizer" else [get_template(template_name).end_marker]
-    if tokenizer.eos_token and tokenizer.eos_token not in markers:
-        markers.append(tokenizer.eos_token)
-    return markers
 
 
-class StopOnText(StoppingCriteria):
-    """Stop a row once its generated text contains any marker (markers need not be single tokens).
-
-    Only the last few tokens are decoded: each decodes to at least one character, so a marker of
-    n characters lies within the last n + 1 tokens of the step that completes it.
-    """
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, markers: Sequence[str]):
-        self.tokenizer = tokenizer
-        self.markers = list(markers)
-        self.window = max(len(marker) for marker in self.markers) + 1
-
-    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-        tails = self.tokenizer.batch_decode(input_ids[:, -self.window :], skip_special_tokens=False)
-        done = [any(marker in tail for marker in self.markers) for tail in tails]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
-def cut_at_markers(text: str, markers: Sequence[str]) -> str:
-    """The answer before the first end marker, without surrounding whitespace."""
-    end = min((text.find(marker) for marker in markers if marker in text), default=len(text))
-    return text[:end].strip()
 
 
-@torch.inference_mode()
-def generate(
-    model: LlavaModel,
-    tokenizer: PreTrainedTokenizerBase,
-    template_name: str,
-    prompts: Sequence[tuple[Sequence[dict[str, Any]], torch.Tensor | None]],
-    max_new_tokens: int = 256,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-) -> list[str]:
-    """Answers to a batch of prompts, each ``(conversation ending with the user's turn, pixels or None)``.
-
-    Pixels are ``(3, H, W)`` or ``(images, 3, H, W)``, one image per ``<image>`` of the conversation.
-    Rows are left-padded and decoded together with the LM's KV cache; each stops at the template's
-    end marker (or EOS), which is stripped from the answer.
-    """
-    if not prompts:
-        return []
-    rows = [
-        prompt_input_ids(conversation, template_name, tokenizer, model.image_positions)
-        for conversation, _ in prompts
-    ]
-    device = model.language_model.get_input_embeddings().weight.device
-    input_ids, attention_mask = left_pad(rows, tokenizer.pad_token_id, device)
-    pixel_values = batch_pixels([pixels for _, pixels in prompts], device)
-    markers = end_markers(template_name, tokenizer)
-    generation_config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        temperature=temperature if do_sample else None,
-        top_p=top_p if do_sample else None,
-        top_k=None,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        use_cache=True,
-    )
-    if seed is not None:
-        torch.manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    try:
-        embeds = model.embed_inputs(input_ids, pixel_values)
-        # From inputs_embeds alone a decoder-only LM returns only the new tokens.
-        new_tokens = model.language_model.generate(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            generation_config=generation_config,
-            stopping_criteria=StoppingCriteriaList([StopOnText(tokenizer, markers)]),
-        )
-    finally:
-        model.train(was_training)
-    texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=False)
-    return [cut_at_markers(text, markers) for text in texts]
 
 
-def left_pad(
-    rows: Sequence[Sequence[int]], pad_id: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows right-aligned (padding on the left, where generation does not continue) and their mask."""
-    width = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for index, row in enumerate(rows):
-        input_ids[index, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-        attention_mask[index, width - len(row) :] = 1
-    return input_ids.to(device), attention_mask.to(device)
 
 
-def batch_pixels(pixels: Sequence[torch.Tensor | None], device: torch.device) -> torch.Tensor | None:
-    """The prompts' images stacked in prompt order, or None when no prompt has one."""
-    images = [p if p.ndim == 4 else p.unsqueeze(0) for p in pixels if p is not None]
-    return torch.cat(images).to(device) if images else None

@@ -85,16 +85,18 @@ import torch
 from PIL import Image
 from torch import nn
 
+from llava_ray.config.presets import TINY_TOKENIZER_DIR
 from llava_ray.config.schema import ModelConfig
+from llava_ray.conversation.templates import IGNORE_INDEX
+from llava_ray.conversation.tokenizer import load_tokenizer
+from llava_ray.model.build import build_llava_model
 from llava_ray.model.export import to_hf_model
-from llava_ray.model.llava import LlavaModel, LlavaOutput, build_llava_model, set_trainable
-from llava_ray.model.presets import load_tokenizer
-from llava_ray.model.templates import IGNORE_INDEX
-from llava_ray.model.tokenizer import TINY_TOKENIZER_DIR
+from llava_ray.model.llava import LlavaModel, LlavaOutput
 from llava_ray.training.collate import collate_rows
 from llava_ray.training.metrics import FlopsModel, peak_flops
 from llava_ray.training.packing import pack_micro_batch, use_segment_attention
 from llava_ray.training.step import PlainEngine, move_inputs, train_step
+from llava_ray.training.trainable import set_trainable
 
 GOAL_RATIO = 1.5
 SYSTEM_TOKENS = 36  # vicuna_v1's system prompt with BOS, in Llama tokens

@@ -15,30 +15,19 @@ Output (``B`` rows, ``T`` the longest row, ``N`` images in the micro-batch, ``S`
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
-from llava_ray.model.templates import IGNORE_INDEX
-
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+from llava_ray.conversation.templates import IGNORE_INDEX
+from llava_ray.data.images import stored_image_array
 
 
 def image_to_tensor(data: bytes, image_size: int) -> torch.Tensor:
     """An encoded, already resized RGB image as a normalised [3, S, S] float tensor."""
-    with Image.open(io.BytesIO(data)) as image:
-        if image.size != (image_size, image_size):
-            raise ValueError(
-                f"prepared image is {image.size[0]}x{image.size[1]}, the vision tower takes {image_size}x{image_size}; "
-                "prepare the data again with this model preset"
-            )
-        array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(((array - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1).copy())
+    return torch.from_numpy(stored_image_array(data, image_size))
 
 
 def collate_rows(rows: Sequence[dict[str, Any]], pad_id: int, image_size: int) -> dict[str, torch.Tensor]:

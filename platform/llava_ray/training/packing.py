@@ -64,7 +64,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from llava_ray.model.templates import IGNORE_INDEX
+from llava_ray.conversation.templates import IGNORE_INDEX
 from llava_ray.training.collate import collate_rows
 
 try:  # torch >= 2.10: FlashAttention's variable-length kernel (CUDA only)

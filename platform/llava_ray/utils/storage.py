@@ -57,3 +57,16 @@ def local_copy(uri: str) -> str:
 def join_uri(base: str, *parts: str) -> str:
     """``join_uri("s3://b/runs", "x", "final")`` -> ``s3://b/runs/x/final``; local paths likewise."""
     return "/".join([base.rstrip("/"), *(part.strip("/") for part in parts)])
+
+
+def ray_storage(storage_path: str) -> tuple[str, Any]:
+    """Ray Train's storage path and file system; a custom S3 endpoint needs an explicit fsspec bridge."""
+    if not is_remote(storage_path):
+        return str(Path(storage_path).resolve()), None
+    if storage_path.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
+        import pyarrow.fs
+        import s3fs
+
+        handler = pyarrow.fs.FSSpecHandler(s3fs.S3FileSystem(endpoint_url=os.environ["AWS_ENDPOINT_URL"]))
+        return storage_path.removeprefix("s3://"), pyarrow.fs.PyFileSystem(handler)
+    return storage_path, None

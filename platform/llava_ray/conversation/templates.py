@@ -27,7 +27,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from llava_ray.model.tokenizer import IMAGE_TOKEN
+from llava_ray.conversation.tokenizer import IMAGE_TOKEN
 
 IGNORE_INDEX = -100
 VICUNA_SYSTEM = (

@@ -13,7 +13,7 @@ import torch
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from llava_ray.config.schema import LlavaRayConfig
-from llava_ray.model.llava import LlavaModel, parameter_groups
+from llava_ray.model.llava import LlavaModel
 
 
 def resolve_precision(config: LlavaRayConfig, on_gpu: bool) -> str:
@@ -72,3 +72,33 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: LlavaRayConfig, to
     if config.train.lr_schedule == "constant":
         return get_constant_schedule_with_warmup(optimizer, warmup)
     return get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+
+
+def parameter_groups(
+    model: LlavaModel, lr: float, projector_lr: float | None = None, weight_decay: float = 0.0
+) -> list[dict[str, Any]]:
+    """Optimizer groups of the trainable parameters: the projector at ``projector_lr``, the rest at ``lr``.
+
+    Biases and norm weights (1-D parameters) take no weight decay. Each group has a ``name``.
+    """
+    projector_ids = {id(p) for p in model.projector.parameters()}
+    groups: dict[str, dict[str, Any]] = {}
+    for parameter in model.parameters():
+        if not parameter.requires_grad:
+            continue
+        owner = "projector" if id(parameter) in projector_ids else "model"
+        decays = parameter.ndim >= 2 and weight_decay > 0
+        group_name = owner if decays else f"{owner}_no_decay"
+        group = groups.setdefault(
+            group_name,
+            {
+                "name": group_name,
+                "params": [],
+                "lr": projector_lr if owner == "projector" and projector_lr is not None else lr,
+                "weight_decay": weight_decay if decays else 0.0,
+            },
+        )
+        group["params"].append(parameter)
+    if not groups:
+        raise ValueError("the model has no trainable parameters; call set_trainable(model, ...) first")
+    return list(groups.values())

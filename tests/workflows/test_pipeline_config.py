@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from llava_ray.config import ConfigError
-from llava_ray.config.pipeline import load_pipeline
+from llava_ray.workflows.pipeline import load_pipeline
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "jobs/configs/tiny"

@@ -17,8 +17,9 @@ import torch
 from transformers import AutoModel, AutoModelForCausalLM
 
 from llava_ray.config.schema import LlavaRayConfig
-from llava_ray.model.llava import LlavaModel, merge_lora, set_trainable
-from llava_ray.utils.console import say
+from llava_ray.model.llava import LlavaModel
+from llava_ray.training.trainable import merge_lora, set_trainable
+from llava_ray.utils.logging import say
 from llava_ray.utils.storage import filesystem, join_uri
 
 FINAL_DIR = "final"

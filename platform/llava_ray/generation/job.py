@@ -10,7 +10,7 @@ Run it with ``llava-ray generate-data --config FILE [generate.key=value ...]`` o
    (:mod:`llava_ray.generation.prompting`). Pairs that cannot be asked are skipped on the spot:
    ``no_captions``, and ``image_missing`` when ``image_root`` is set and lacks the image.
 3. Pairs already in the journal (``{output_path}.partial.jsonl``, see
-   :mod:`llava_ray.generation.journal`) are not asked again (with ``retry_failed``, failed ones
+   :mod:`llava_ray.endpoints.journal`) are not asked again (with ``retry_failed``, failed ones
    are). The rest run as a Ray Data pipeline: request rows -> ``map_batches`` over an actor pool
    (:mod:`llava_ray.generation.workers`; for the HTTP backend N actors each get 1/N of
    ``max_concurrency`` and ``requests_per_second``) -> the driver appends each reply to the
@@ -51,9 +51,9 @@ import ray
 from llava_ray.config.generation import GenerateConfig
 from llava_ray.config.loader import ConfigError
 from llava_ray.data.report import MAX_EXAMPLES, check_balance
-from llava_ray.generation.client import ClientSettings
+from llava_ray.endpoints.client import ClientSettings
+from llava_ray.endpoints.journal import JOURNAL_SUFFIX, Journal
 from llava_ray.generation.context import AnnotationError, ImageAnnotations, build_context, load_coco
-from llava_ray.generation.journal import JOURNAL_SUFFIX, Journal
 from llava_ray.generation.parse import ReplyRejected, detail_instruction, llava_sample, parse_reply
 from llava_ray.generation.prompting import USES_BOXES, PromptError, PromptSet, build_messages, load_prompts
 from llava_ray.generation.workers import ENDPOINT_REFUSED, EndpointWorker, LocalModelWorker

@@ -21,7 +21,7 @@ import os
 import ray.train
 
 from llava_ray.config.schema import LlavaRayConfig
-from llava_ray.utils.console import say
+from llava_ray.utils.logging import say
 from llava_ray.utils.storage import filesystem
 
 FAULT_ENV = "LLAVA_RAY_FAULT"

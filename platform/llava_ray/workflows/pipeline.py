@@ -10,12 +10,19 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import yaml
+from pydantic import ValidationError
+
+from llava_ray.config.loader import ConfigError, describe_error, load_config
 from llava_ray.config.schema import LlavaRayConfig
+from llava_ray.config.workflow import PipelineConfig, PipelineJobs
 from llava_ray.data.prepare import load_report, run_prepare
+from llava_ray.evaluation.job import evaluate_problems
 from llava_ray.tracking.mlflow_tracking import tracked_run
-from llava_ray.training.trainer import TrainResult, run_train
+from llava_ray.training.driver import TrainResult, run_train
 
 
 @dataclass
@@ -63,7 +70,7 @@ def prepare_job(
 
 def generate_job(config: LlavaRayConfig, parent_run_id: str | None = None) -> dict[str, Any]:
     """Instruction-data generation (``config.generate``), tracked as an MLflow run."""
-    from llava_ray.generation import run_generate
+    from llava_ray.generation.job import run_generate
 
     with tracked_run(
         config, "generate-data", parent_run_id, run_name=f"{config.run.name}-generate"
@@ -107,3 +114,52 @@ def run_pipeline(
             timed("evaluate", lambda: evaluate(stage2.final_model, parent.run_id))
         parent.set_tags({"llava_ray.final_model": stage2.final_model})
         return outcome
+
+
+def load_pipeline(path: str | Path, overrides: list[str] = ()) -> PipelineJobs:
+    """The pipeline and every job's config, all validated before any work; one error lists every problem."""
+    path = Path(path)
+    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        pipeline = PipelineConfig.model_validate(raw.get("pipeline", raw))
+    except ValidationError as error:
+        raise ConfigError([describe_error(e, PipelineConfig) for e in error.errors()], str(path)) from None
+    problems: list[str] = []
+    configs: dict[str, LlavaRayConfig | None] = {}
+    jobs = (
+        ("pretrain", pipeline.pretrain, [*pipeline.overrides, *pipeline.pretrain_overrides, *overrides]),
+        ("finetune", pipeline.finetune, [*pipeline.overrides, *pipeline.finetune_overrides, *overrides]),
+        ("generate", pipeline.generate, []),
+        ("evaluate", pipeline.evaluate, pipeline.evaluate_overrides),
+    )
+    for job, job_file, job_overrides in jobs:
+        if job_file is None:
+            configs[job] = None
+            continue
+        job_path = Path(job_file)
+        job_path = job_path if job_path.is_absolute() or job_path.exists() else path.parent / job_path
+        try:
+            configs[job] = load_config(job_path, job_overrides)
+        except ConfigError as error:
+            problems += [f"{job} ({job_path}): {problem}" for problem in error.problems]
+    generate, finetune = configs["generate"], configs["finetune"]
+    if generate is not None and finetune is not None:
+        output = generate.generate.output_path
+        if output is None:
+            problems.append(
+                f"generate ({pipeline.generate}): generate.output_path is not set; set where it writes"
+            )
+        elif output not in [source.path for source in finetune.data.sources]:
+            problems.append(
+                f"finetune: data.sources does not read the generated data {output!r}; add "
+                f"{{path: {output}}} to the finetune config's data.sources (with its image_root)"
+            )
+    if configs["evaluate"] is not None:
+        # evaluate.model is the pipeline's own final model, set once stage 2 has written it.
+        problems += [
+            f"evaluate ({pipeline.evaluate}): {problem}"
+            for problem in evaluate_problems(configs["evaluate"].evaluate, check_model=False)
+        ]
+    if problems:
+        raise ConfigError(problems, str(path))
+    return PipelineJobs(pipeline, configs["pretrain"], configs["finetune"], generate, configs["evaluate"])

@@ -24,12 +24,22 @@ import fsspec
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from llava_ray.data.images import Aspect, ImageError, ImageSettings, encode_image, open_image, transform_image
-from llava_ray.model.export import chat_template_for, is_hf_llava_dir
-from llava_ray.model.llava import CONFIG_FILE, LlavaModel, load_init_from, prompt_input_ids
-from llava_ray.model.templates import TEMPLATES
-from llava_ray.model.tokenizer import ensure_special_tokens
-from llava_ray.training.collate import image_to_tensor
+from llava_ray.conversation.chat_template import chat_template_for
+from llava_ray.conversation.templates import TEMPLATES
+from llava_ray.conversation.tokenizer import ensure_special_tokens
+from llava_ray.data.images import (
+    Aspect,
+    ImageError,
+    ImageSettings,
+    normalize_image,
+    open_image,
+    transform_image,
+)
+from llava_ray.model.build import load_init_from
+from llava_ray.model.export import is_hf_llava_dir
+from llava_ray.model.generate import prompt_input_ids
+from llava_ray.model.llava import LlavaModel
+from llava_ray.model.weights import CONFIG_FILE
 from llava_ray.utils.storage import local_copy
 
 
@@ -122,5 +132,4 @@ def load_pixels(location: str, image_size: int, aspect: Aspect = "pad") -> torch
     """The normalised ``(3, S, S)`` input of an image file, as ``prepare`` stores it for training."""
     settings = ImageSettings(size=image_size, aspect=aspect, format="png")
     image = transform_image(open_image(read_image(location), settings.max_pixels), settings)
-    # Lossless PNG round trip: image_to_tensor is the one place CLIP normalisation happens.
-    return image_to_tensor(encode_image(image, "png"), image_size)
+    return torch.from_numpy(normalize_image(image))

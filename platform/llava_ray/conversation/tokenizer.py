@@ -13,11 +13,14 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from llava_ray.config.model_sources import resolve_sources
+from llava_ray.config.schema import ModelConfig
+from llava_ray.utils.storage import local_copy
 
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
-TINY_TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-tokenizer"
 TINY_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", PAD_TOKEN, IMAGE_TOKEN, "<|im_start|>", "<|im_end|>"]
 TINY_VOCAB_SIZE = 1024
 
@@ -71,12 +74,6 @@ def train_tiny_tokenizer(
     return out_dir
 
 
-def tiny_corpus() -> list[str]:
-    """The texts the tiny tokenizer is trained on: the synthetic data and the templates' fixed text."""
-    from llava_ray.data.synthetic import corpus_texts
-    from llava_ray.model.templates import template_fixed_texts
-
-    return [*corpus_texts(), *template_fixed_texts()]
 
 
 def ensure_special_tokens(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
@@ -90,3 +87,19 @@ def ensure_special_tokens(tokenizer: PreTrainedTokenizerBase) -> PreTrainedToken
         # Vicuna has none; Hugging Face's llava-1.5 conversion adds <pad> after <image>.
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     return tokenizer
+
+
+def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer with LLaVA's ``<image>`` placeholder and a pad token present."""
+    source = resolve_sources(config).tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(
+        local_copy(source),
+        trust_remote_code=config.trust_remote_code,
+        model_max_length=config.model_max_length,
+    )
+    return ensure_special_tokens(tokenizer)
+
+
+def image_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id of LLaVA's ``<image>`` placeholder in this tokenizer."""
+    return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)

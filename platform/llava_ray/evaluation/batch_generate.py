@@ -27,10 +27,10 @@ from typing import Any
 
 import pyarrow as pa
 
+from llava_ray.conversation.templates import TemplateError
+from llava_ray.conversation.tokenizer import IMAGE_TOKEN
 from llava_ray.data.images import Aspect, ImageError
 from llava_ray.evaluation.items import EvalItem, Outcome
-from llava_ray.model.templates import TemplateError
-from llava_ray.model.tokenizer import IMAGE_TOKEN
 
 OUTPUT_SCHEMA = pa.schema(
     [("id", pa.string()), ("prediction", pa.string()), ("error", pa.string()), ("detail", pa.string())]
@@ -61,7 +61,7 @@ class Predictor:
     def __init__(self, settings: GenerationSettings):
         import torch
 
-        from llava_ray.evaluation.inference import load_inference_model
+        from llava_ray.evaluation.loaded_model import load_inference_model
 
         device = "cuda" if settings.use_gpu and torch.cuda.is_available() else "cpu"
         self.settings = settings
@@ -72,7 +72,7 @@ class Predictor:
 
     def predict_rows(self, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         """One output row per input row, in order; rows that cannot be asked carry an error."""
-        from llava_ray.model.llava import generate
+        from llava_ray.model.generate import generate
 
         results: dict[str, dict[str, Any]] = {}
         prompts, prompt_ids = [], []
@@ -102,7 +102,7 @@ class Predictor:
         self, conversation: list[dict[str, Any]], image: str | None
     ) -> tuple[list[dict[str, Any]], Any]:
         """``(conversation, pixels or None)`` for generate, or a counted error."""
-        from llava_ray.evaluation.inference import load_pixels
+        from llava_ray.evaluation.loaded_model import load_pixels
 
         placeholders = sum(str(turn.get("value", "")).count(IMAGE_TOKEN) for turn in conversation)
         if placeholders != (1 if image else 0):

@@ -22,24 +22,26 @@ import torch
 import torch.distributed as dist
 
 from llava_ray.config.schema import LlavaRayConfig
-from llava_ray.model.llava import LlavaModel, build_llava_model, set_trainable
-from llava_ray.model.presets import load_tokenizer
+from llava_ray.conversation.tokenizer import load_tokenizer
+from llava_ray.model.build import build_llava_model
+from llava_ray.model.llava import LlavaModel
 from llava_ray.tracking.mlflow_tracking import Tracker
 from llava_ray.training.collate import collate_rows, rows_from_columns
-from llava_ray.training.engine import (
+from llava_ray.training.faults import maybe_inject_fault
+from llava_ray.training.final_model import save_final_model
+from llava_ray.training.metrics import FlopsModel, StepMetrics, format_progress, peak_flops
+from llava_ray.training.optim import (
     accumulation_steps,
     build_optimizer,
     build_scheduler,
     deepspeed_config,
     resolve_precision,
 )
-from llava_ray.training.final import save_final_model
-from llava_ray.training.metrics import FlopsModel, StepMetrics, format_progress, peak_flops
 from llava_ray.training.packing import pack_micro_batch, use_segment_attention
 from llava_ray.training.step import StepResult, train_step
+from llava_ray.training.trainable import set_trainable
 from llava_ray.training.validation import Validation
-from llava_ray.utils.console import say
-from llava_ray.utils.faults import maybe_inject_fault
+from llava_ray.utils.logging import say
 
 CHECKPOINT_TAG = "state"
 STATE_FILE = "train_state.json"

@@ -5,8 +5,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import PreTrainedTokenizerFast
 
 from llava_ray.config.schema import ModelConfig
-from llava_ray.model.presets import load_tokenizer
-from llava_ray.model.templates import (
+from llava_ray.conversation.templates import (
     CHATML_SYSTEM,
     IGNORE_INDEX,
     LLAMA_2_SYSTEM,
@@ -17,7 +16,7 @@ from llava_ray.model.templates import (
     normalize_turns,
     tokenize_conversation,
 )
-from llava_ray.model.tokenizer import IMAGE_TOKEN
+from llava_ray.conversation.tokenizer import IMAGE_TOKEN, load_tokenizer
 
 TWO_TURNS = [
     {"from": "human", "value": "<image>\nWhat color are the shapes?"},
@@ -216,7 +215,7 @@ def test_masks_hold_for_sentencepiece_style_tokenizers():
 
 @pytest.mark.parametrize("name", ["vicuna_v1", "llava_v1", "llava_llama_2", "chatml", "tokenizer"])
 def test_prompt_ids_are_the_training_ids_up_to_the_answer(tokenizer, name):
-    from llava_ray.model.templates import tokenize_prompt
+    from llava_ray.conversation.templates import tokenize_prompt
 
     prompt = tokenize_prompt(TWO_TURNS[:1], name, tokenizer, IMAGE_POSITIONS)
     full = tokenize_conversation(TWO_TURNS, name, tokenizer, IMAGE_POSITIONS)

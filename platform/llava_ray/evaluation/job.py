@@ -7,7 +7,7 @@ Run it with ``llava-ray evaluate --config FILE [evaluate.key=value ...]`` or as 
 1. Every problem of the section (no model, a missing data file, no judge model for
    ``llava_bench``, ...) is collected into one :class:`~llava_ray.config.ConfigError` before any
    model is loaded; an unreachable MLflow server fails here too (``tracking.required``).
-2. The benchmark's items are loaded (:mod:`.synthetic_eval`, :mod:`.scienceqa`, :mod:`.judge`)
+2. The benchmark's items are loaded (:mod:`.synthetic`, :mod:`.scienceqa`, :mod:`.judge`)
    and answered in batches with the model's own template, on a Ray Data actor pool
    (:mod:`.runner`).
 3. They are scored, and ``output_dir`` (a folder or ``s3://`` URL) receives::
@@ -36,10 +36,10 @@ from typing import Any
 from llava_ray.config.evaluation import EvaluateConfig
 from llava_ray.config.loader import ConfigError
 from llava_ray.config.schema import LlavaRayConfig
-from llava_ray.evaluation import judge, scienceqa, synthetic_eval
-from llava_ray.evaluation.inference import model_dir_problem
+from llava_ray.evaluation import judge, scienceqa, synthetic
+from llava_ray.evaluation.batch_generate import GenerationSettings, predict
 from llava_ray.evaluation.items import EvalItem, skip_report
-from llava_ray.evaluation.runner import GenerationSettings, predict
+from llava_ray.evaluation.loaded_model import model_dir_problem
 from llava_ray.utils.storage import CACHE_DIR, filesystem, is_remote
 
 RESULTS_FILE = "results.jsonl"
@@ -48,10 +48,15 @@ ARTIFACT_DIR = "evaluation"
 _METRIC_KEY_UNSAFE = re.compile(r"[^\w\-. /]")
 
 
-def evaluate_problems(config: EvaluateConfig) -> list[str]:
-    """Every reason the section cannot run, each naming the key, its value and the fix."""
+def evaluate_problems(config: EvaluateConfig, check_model: bool = True) -> list[str]:
+    """Every reason the section cannot run, each naming the key, its value and the fix.
+
+    ``check_model=False`` leaves ``evaluate.model`` out (a pipeline sets it to its own final model).
+    """
     problems = []
-    if not config.model:
+    if not check_model:
+        pass
+    elif not config.model:
         problems.append("evaluate.model is not set; point it at a trained model folder (a run's final/)")
     elif not _exists(config.model):
         problems.append(f"evaluate.model={config.model!r} does not exist")
@@ -124,7 +129,7 @@ def _evaluate(config: EvaluateConfig, seed: int) -> tuple[dict[str, Any], list[P
                 ]
             )
     else:
-        benchmark = scienceqa if config.benchmark == "scienceqa" else synthetic_eval
+        benchmark = scienceqa if config.benchmark == "scienceqa" else synthetic
         items = benchmark.load_items(data_path, config.image_root, config.limit)
     settings = GenerationSettings(
         model=str(config.model),

@@ -80,7 +80,7 @@ def evaluate_model(
     config: LlavaRayConfig, workdir: Path, model: str, label: str, parent_run_id: str | None
 ) -> dict:
     """Exact-match accuracy on the held-out synthetic questions, tracked as a child run."""
-    from llava_ray.evaluation import run_evaluate
+    from llava_ray.evaluation.job import run_evaluate
 
     settings = config.evaluate.model_copy(
         update={
@@ -103,8 +103,8 @@ def run_demo(
     """Run the whole pipeline; returns (and writes) the summary."""
     import ray
 
-    from llava_ray.pipeline import run_pipeline
-    from llava_ray.training.final import final_model_uri
+    from llava_ray.training.final_model import final_model_uri
+    from llava_ray.workflows.pipeline import run_pipeline
 
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)

@@ -1,15 +1,14 @@
 """The driver side of a stage job: schedule the data, launch Ray Train, return the result.
 
 ``run_train(config)`` reads the prepared shards' light columns (length, modality, supervised
-count) to build the global schedule (:mod:`llava_ray.training.batching`), gives each worker rank
+count) to build the global schedule (:mod:`llava_ray.training.schedule`), gives each worker rank
 its own Ray Data dataset holding exactly its rows sorted by schedule position, and runs
-:func:`llava_ray.training.loop.train_loop_per_worker` on a ``TorchTrainer``. Rerunning with the
+:func:`llava_ray.training.worker.train_loop_per_worker` on a ``TorchTrainer``. Rerunning with the
 same ``run.name`` and ``run.storage_path`` resumes from the latest complete checkpoint.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +26,11 @@ from llava_ray.config.loader import ConfigError
 from llava_ray.config.schema import LlavaRayConfig
 from llava_ray.data.prepare import REPORT_FILE, build_prepare_pipeline, load_report
 from llava_ray.tracking.mlflow_tracking import Tracker, tracked_run
-from llava_ray.training.batching import Schedule, build_schedule
-from llava_ray.training.final import HF_DIR, final_model_uri
-from llava_ray.training.loop import train_loop_per_worker
+from llava_ray.training.final_model import HF_DIR, final_model_uri
+from llava_ray.training.schedule import Schedule, build_schedule
 from llava_ray.training.validation import VAL_DATASET_PREFIX, split_validation, validation_plan
-from llava_ray.utils.storage import filesystem, is_remote
+from llava_ray.training.worker import train_loop_per_worker
+from llava_ray.utils.storage import filesystem, is_remote, ray_storage
 
 INDEX_COLUMNS = ["row", "length", "modality", "num_supervised"]
 SORT_RANGE_ROWS = 2048  # rows per sorted output block of a rank's dataset
@@ -71,17 +70,6 @@ def train_problems(config: LlavaRayConfig) -> list[str]:
     return problems
 
 
-def ray_storage(storage_path: str) -> tuple[str, Any]:
-    """Ray Train's storage path and file system; a custom S3 endpoint needs an explicit fsspec bridge."""
-    if not is_remote(storage_path):
-        return str(Path(storage_path).resolve()), None
-    if storage_path.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
-        import pyarrow.fs
-        import s3fs
-
-        handler = pyarrow.fs.FSSpecHandler(s3fs.S3FileSystem(endpoint_url=os.environ["AWS_ENDPOINT_URL"]))
-        return storage_path.removeprefix("s3://"), pyarrow.fs.PyFileSystem(handler)
-    return storage_path, None
 
 
 def read_prepared_dataset(path: str) -> ray.data.Dataset:

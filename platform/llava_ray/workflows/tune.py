@@ -1,6 +1,6 @@
 """``llava-ray tune``: Ray Tune sweeps of a stage job over any config keys.
 
-Each trial is an ordinary stage job (:func:`llava_ray.training.trainer.run_train`: Ray Train,
+Each trial is an ordinary stage job (:func:`llava_ray.training.driver.run_train`: Ray Train,
 DeepSpeed, checkpoints) on its sampled config, launched from a Tune function trainable, the Ray
 2.60 pattern for Train V2. Trials hold out ``val_fraction`` of the data and report the validation
 loss every ``eval_every_steps`` steps; only those results reach Tune, so ASHA compares trials on
@@ -99,7 +99,7 @@ def run_trial(
 
 
 def _train_trial(config: LlavaRayConfig, parent: str | None, callback: Any, tags: dict[str, str]) -> None:
-    from llava_ray.training.trainer import run_train
+    from llava_ray.training.driver import run_train
 
     run_train(config, parent, callbacks=[callback], extra_tags=tags)
 
@@ -180,7 +180,7 @@ def run_sweep(sweep: SweepConfig, base: LlavaRayConfig) -> SweepResult:
             ),
             {"CPU": TRIAL_DRIVER_CPUS},
         )
-        from llava_ray.training.trainer import ray_storage
+        from llava_ray.utils.storage import ray_storage
 
         tune_storage, tune_filesystem = ray_storage(storage)
         resumed = tune.Tuner.can_restore(

@@ -1,0 +1,128 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import (
+    GenerationConfig,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+
+from llava_ray.conversation.templates import get_template, tokenize_prompt
+from llava_ray.model.llava import LlavaModel
+
+# Generation prompts are tokenized by the templates module, the one implementation training uses.
+prompt_input_ids = tokenize_prompt
+
+
+def end_markers(template_name: str, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """Texts that end an answer: the template's end marker, and the tokenizer's EOS."""
+    markers = [] if template_name == "tokenizer" else [get_template(template_name).end_marker]
+    if tokenizer.eos_token and tokenizer.eos_token not in markers:
+        markers.append(tokenizer.eos_token)
+    return markers
+
+
+class StopOnText(StoppingCriteria):
+    """Stop a row once its generated text contains any marker (markers need not be single tokens).
+
+    Only the last few tokens are decoded: each decodes to at least one character, so a marker of
+    n characters lies within the last n + 1 tokens of the step that completes it.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, markers: Sequence[str]):
+        self.tokenizer = tokenizer
+        self.markers = list(markers)
+        self.window = max(len(marker) for marker in self.markers) + 1
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        tails = self.tokenizer.batch_decode(input_ids[:, -self.window :], skip_special_tokens=False)
+        done = [any(marker in tail for marker in self.markers) for tail in tails]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def cut_at_markers(text: str, markers: Sequence[str]) -> str:
+    """The answer before the first end marker, without surrounding whitespace."""
+    end = min((text.find(marker) for marker in markers if marker in text), default=len(text))
+    return text[:end].strip()
+
+
+@torch.inference_mode()
+def generate(
+    model: LlavaModel,
+    tokenizer: PreTrainedTokenizerBase,
+    template_name: str,
+    prompts: Sequence[tuple[Sequence[dict[str, Any]], torch.Tensor | None]],
+    max_new_tokens: int = 256,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+) -> list[str]:
+    """Answers to a batch of prompts, each ``(conversation ending with the user's turn, pixels or None)``.
+
+    Pixels are ``(3, H, W)`` or ``(images, 3, H, W)``, one image per ``<image>`` of the conversation.
+    Rows are left-padded and decoded together with the LM's KV cache; each stops at the template's
+    end marker (or EOS), which is stripped from the answer.
+    """
+    if not prompts:
+        return []
+    rows = [
+        prompt_input_ids(conversation, template_name, tokenizer, model.image_positions)
+        for conversation, _ in prompts
+    ]
+    device = model.language_model.get_input_embeddings().weight.device
+    input_ids, attention_mask = left_pad(rows, tokenizer.pad_token_id, device)
+    pixel_values = batch_pixels([pixels for _, pixels in prompts], device)
+    markers = end_markers(template_name, tokenizer)
+    generation_config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature if do_sample else None,
+        top_p=top_p if do_sample else None,
+        top_k=None,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        use_cache=True,
+    )
+    if seed is not None:
+        torch.manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    try:
+        embeds = model.embed_inputs(input_ids, pixel_values)
+        # From inputs_embeds alone a decoder-only LM returns only the new tokens.
+        new_tokens = model.language_model.generate(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            generation_config=generation_config,
+            stopping_criteria=StoppingCriteriaList([StopOnText(tokenizer, markers)]),
+        )
+    finally:
+        model.train(was_training)
+    texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=False)
+    return [cut_at_markers(text, markers) for text in texts]
+
+
+def left_pad(
+    rows: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows right-aligned (padding on the left, where generation does not continue) and their mask."""
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for index, row in enumerate(rows):
+        input_ids[index, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        attention_mask[index, width - len(row) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def batch_pixels(pixels: Sequence[torch.Tensor | None], device: torch.device) -> torch.Tensor | None:
+    """The prompts' images stacked in prompt order, or None when no prompt has one."""
+    images = [p if p.ndim == 4 else p.unsqueeze(0) for p in pixels if p is not None]
+    return torch.cat(images).to(device) if images else None

@@ -1,0 +1,1 @@
+"""End-to-end workflows built from the stage jobs: the pipeline, Ray Tune sweeps and the demo."""
