@@ -36,9 +36,12 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)
 
+# The layer contract (pyproject's [tool.importlinter]) is checked with the style: a module that imports
+# from a layer above its own fails `make lint` (and tests/test_layers.py in `make test`).
 lint: install
 	$(BIN)/ruff check platform jobs tests
 	$(BIN)/ruff format --check platform jobs tests
+	$(BIN)/lint-imports
 
 format: install
 	$(BIN)/ruff format platform jobs tests

@@ -102,3 +102,15 @@ def parameter_groups(
     if not groups:
         raise ValueError("the model has no trainable parameters; call set_trainable(model, ...) first")
     return list(groups.values())
+
+
+def learning_rates(optimizer: torch.optim.Optimizer) -> tuple[float, float]:
+    """The LM's and the projector's current learning rates, looked up by group name (never by position).
+
+    A stage that trains only the projector reports the projector's rate for both.
+    """
+    by_owner: dict[str, float] = {}
+    for group in optimizer.param_groups:
+        by_owner.setdefault(group["name"].removesuffix("_no_decay"), group["lr"])
+    projector = by_owner["projector"]
+    return by_owner.get("model", projector), projector
