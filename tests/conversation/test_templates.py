@@ -11,12 +11,12 @@ from llava_ray.conversation.templates import (
     LLAMA_2_SYSTEM,
     LLAVA_V1_SYSTEM,
     VICUNA_SYSTEM,
-    TemplateError,
     get_template,
     normalize_turns,
     tokenize_conversation,
 )
 from llava_ray.conversation.tokenizer import IMAGE_TOKEN, load_tokenizer
+from llava_ray.utils.skips import Skipped
 
 TWO_TURNS = [
     {"from": "human", "value": "<image>\nWhat color are the shapes?"},
@@ -107,7 +107,7 @@ def test_plain_keeps_only_the_caption_and_newline(tokenizer):
     result = tokenize_conversation(CAPTION, "plain", tokenizer, IMAGE_POSITIONS)
     assert result.text == "<image>Three red circles.\n"
     assert supervised_pieces(tokenizer, result) == ["Three red circles.\n"]
-    with pytest.raises(TemplateError, match=r"'plain' takes one instruction and one answer, got 4 turns"):
+    with pytest.raises(Skipped, match=r"'plain' takes one instruction and one answer, got 4 turns"):
         tokenize_conversation(TWO_TURNS, "plain", tokenizer, IMAGE_POSITIONS)
 
 
@@ -152,20 +152,20 @@ def test_image_placeholder_moves_to_the_front(tokenizer):
     ],
 )
 def test_malformed_conversations_raise_with_a_reason(tokenizer, conversation, reason):
-    with pytest.raises(TemplateError) as caught:
+    with pytest.raises(Skipped) as caught:
         tokenize_conversation(conversation, "vicuna_v1", tokenizer, 1)
     assert caught.value.reason == reason
 
 
 def test_truncation_counts_image_positions_and_never_cuts_an_image(tokenizer):
     full = tokenize_conversation(TWO_TURNS, "vicuna_v1", tokenizer, 64)
-    with pytest.raises(TemplateError, match="would cut inside an image") as caught:
+    with pytest.raises(Skipped, match="would cut inside an image") as caught:
         tokenize_conversation(TWO_TURNS, "vicuna_v1", tokenizer, 64, max_length=40)
     assert caught.value.reason == "truncated_inside_image"
     image_end = (
         max(i for i, t in enumerate(full.input_ids) if t == tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)) + 1
     )
-    with pytest.raises(TemplateError, match="no answer token is left") as caught:
+    with pytest.raises(Skipped, match="no answer token is left") as caught:
         tokenize_conversation(TWO_TURNS, "vicuna_v1", tokenizer, 64, max_length=image_end + 3)
     assert caught.value.reason == "no_supervised_tokens"
     second_answer_start = max(i for i, label in enumerate(full.labels) if label == IGNORE_INDEX) + 1

@@ -1,6 +1,12 @@
-"""Conversation templates, rendered from spans so that label masks come from the rendering itself.
+"""Conversation templates: one declaration per format, rendered as spans so label masks come from the text.
 
-A template turns a LLaVA conversation into a list of :class:`Span` (text, supervised or not).
+Each :class:`Template` declares a format's fixed strings (system prompt and its wrapping, user and
+assistant markers, end marker) and two rules (llama_2 folds the system into the first user turn;
+``plain`` keeps only the image and the caption). Everything else is derived from that declaration:
+the spans here (:meth:`Template.render`), the Hugging Face Jinja chat template
+(``conversation.chat_template``), and the fixed text the tiny tokenizer is trained on
+(:func:`template_fixed_texts`).
+
 :func:`tokenize_conversation` joins the spans, tokenizes the whole text once with character
 offsets, and supervises exactly the tokens that fall in supervised spans. Unlike the reference
 code there is no re-tokenising of pieces and counting with hard-coded offsets, so there is no
@@ -21,14 +27,17 @@ Exact strings (../shared/LLAVA_REFERENCE.md):
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from llava_ray.conversation.tokenizer import IMAGE_TOKEN
+from llava_ray.config.schema import TEMPLATE_NAMES
+from llava_ray.utils.skips import Skipped
 
+IMAGE_TOKEN = "<image>"
 IGNORE_INDEX = -100
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -46,14 +55,6 @@ CHATML_SYSTEM = "A conversation between a user and an LLM-based AI assistant. Th
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
-class TemplateError(ValueError):
-    """A conversation the template cannot render; ``reason`` is the skip reason counted in reports."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-
-
 @dataclass(frozen=True)
 class Span:
     """A piece of rendered text; ``supervised`` spans carry the loss."""
@@ -66,6 +67,151 @@ class Span:
 class Turn:
     role: str  # "user" or "assistant"
     text: str
+
+
+@dataclass(frozen=True)
+class Template:
+    """One conversation format, declared by its fixed strings.
+
+    A conversation renders as the system block ``system_prefix + system + system_suffix`` (at the
+    start, or right after the first ``user_prefix`` when ``system_in_first_user``), then per user
+    turn ``turn_separator`` (not before the first) ``+ user_prefix + text + user_suffix +
+    assistant_prefix``, and per answer the supervised ``answer_prefix + text + answer_suffix +
+    end_marker``. A generation prompt ends with ``assistant_prefix``.
+    """
+
+    name: str
+    system: str = ""  # the default system prompt
+    system_prefix: str = ""  # text before the system prompt
+    system_suffix: str = ""  # text after the system prompt
+    system_in_first_user: bool = False  # llama_2: the system block opens the first user turn
+    user_prefix: str = ""  # before each user turn's text
+    user_suffix: str = ""  # after each user turn's text
+    assistant_prefix: str = ""  # after each user turn, unsupervised: where generation starts
+    answer_prefix: str = ""  # supervised text before each answer
+    answer_suffix: str = ""  # supervised text between an answer and the end marker
+    end_marker: str = ""  # generation stops here; ends every supervised answer
+    turn_separator: str = ""  # before every user turn but the first (llama_2's "<s>": the first is BOS)
+    add_bos: bool = True  # the tokenizer's BOS goes before the text
+    caption_only: bool = False  # 'plain' (stage 1): only the instruction's <image> stays, one stripped answer
+    special_tokens: tuple[str, ...] = ()  # markers a matching tokenizer holds as single tokens
+
+    @property
+    def system_block(self) -> str:
+        return self.system_prefix + self.system + self.system_suffix
+
+    def render(self, turns: Sequence[Turn], generation_prompt: bool = False) -> list[Span]:
+        """Spans of the conversation; with ``generation_prompt`` the turns end with a user turn."""
+        turns = list(turns)
+        if self.caption_only and not generation_prompt and len(turns) != 2:
+            raise Skipped(
+                "plain_needs_one_answer",
+                f"'{self.name}' takes one instruction and one answer, got {len(turns)} turns",
+            )
+        spans = [] if self.system_in_first_user or not self.system_block else [Span(self.system_block)]
+        for index, turn in enumerate(turns):
+            if turn.role == "user":
+                separator = self.turn_separator if index else ""
+                system = self.system_block if self.system_in_first_user and index == 0 else ""
+                text = (IMAGE_TOKEN if IMAGE_TOKEN in turn.text else "") if self.caption_only else turn.text
+                spans.append(
+                    Span(
+                        f"{separator}{self.user_prefix}{system}{text}{self.user_suffix}{self.assistant_prefix}"
+                    )
+                )
+            else:
+                text = turn.text.strip() if self.caption_only else turn.text
+                answer = f"{self.answer_prefix}{text}{self.answer_suffix}{self.end_marker}"
+                spans.append(Span(answer, supervised=True))
+        return spans
+
+    def prompt_text(self, turns: Sequence[Turn]) -> str:
+        """The text the model continues at generation time (turns end with the user's)."""
+        return "".join(span.text for span in self.render(turns, generation_prompt=True))
+
+
+TEMPLATES: dict[str, Template] = {
+    "plain": Template("plain", end_marker="\n", caption_only=True),
+    **{
+        name: Template(
+            name,
+            system=system,
+            system_suffix=" ",
+            user_prefix="USER: ",
+            user_suffix=" ",
+            assistant_prefix="ASSISTANT:",
+            answer_prefix=" ",
+            end_marker="</s>",
+            special_tokens=("</s>",),
+        )
+        for name, system in (("vicuna_v1", VICUNA_SYSTEM), ("llava_v1", LLAVA_V1_SYSTEM))
+    },
+    "llava_llama_2": Template(
+        "llava_llama_2",
+        system=LLAMA_2_SYSTEM,
+        system_prefix="<<SYS>>\n",
+        system_suffix="\n<</SYS>>\n\n",
+        system_in_first_user=True,
+        user_prefix="[INST] ",
+        user_suffix=" ",
+        assistant_prefix="[/INST]",
+        answer_prefix=" ",
+        answer_suffix=" ",
+        end_marker="</s>",
+        turn_separator="<s>",
+        special_tokens=("<s>", "</s>"),
+    ),
+    "chatml": Template(
+        "chatml",
+        system=CHATML_SYSTEM,
+        system_prefix="<|im_start|>system\n",
+        system_suffix="<|im_end|>",
+        user_prefix="<|im_start|>user\n",
+        user_suffix="<|im_end|>",
+        assistant_prefix="<|im_start|>assistant\n",
+        end_marker="<|im_end|>",
+        add_bos=False,
+        special_tokens=("<|im_start|>", "<|im_end|>"),
+    ),
+}
+
+
+def check_template_names(declared: Iterable[str], configurable: Iterable[str]) -> None:
+    """Raise unless the declared templates plus 'tokenizer' are exactly the names a config may use."""
+    declared, configurable = {*declared, "tokenizer"}, set(configurable)
+    if declared != configurable:
+        raise ImportError(
+            "llava_ray.config.schema.TEMPLATE_NAMES and the templates declared in llava_ray.conversation.templates "
+            f"(plus 'tokenizer') differ: only in TEMPLATE_NAMES {sorted(configurable - declared)}, only declared "
+            f"{sorted(declared - configurable)}. Declare a Template for every name in TEMPLATE_NAMES and list "
+            "every declared template there"
+        )
+
+
+# Configs validate against TEMPLATE_NAMES; the two lists must not drift apart.
+check_template_names(TEMPLATES, TEMPLATE_NAMES)
+
+
+def template_fixed_texts() -> list[str]:
+    """The templates' own text (system prompts, role markers), for training the tiny tokenizer.
+
+    Each template renders one exchange with placeholder texts; the pieces between the placeholders
+    and its special tokens (a tokenizer holds those whole, so BPE must not learn their parts) are the
+    fixed text.
+    """
+    slot = "\x00"
+    texts: list[str] = []
+    for template in TEMPLATES.values():
+        spans = template.render([Turn("user", slot), Turn("assistant", slot)])
+        pattern = "|".join(re.escape(cut) for cut in (slot, *template.special_tokens))
+        texts += re.split(pattern, "".join(span.text for span in spans))
+    return [text for text in dict.fromkeys(texts) if text]
+
+
+def get_template(name: str) -> Template:
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown template {name!r}; choose one of {', '.join([*TEMPLATES, 'tokenizer'])}")
+    return TEMPLATES[name]
 
 
 @dataclass
@@ -96,122 +242,30 @@ def normalize_turns(conversations: Sequence[dict[str, Any]], require_answer: boo
     turns: list[Turn] = []
     for index, message in enumerate(conversations):
         if not isinstance(message, dict):
-            raise TemplateError("malformed_turn", f"turn {index} is not an object")
+            raise Skipped("malformed_turn", f"turn {index} is not an object")
         role = ROLES.get(str(message.get("from", message.get("role", ""))).lower())
         text = message.get("value", message.get("content"))
         if role is None or not isinstance(text, str):
-            raise TemplateError("malformed_turn", f"turn {index} has no known role or no text: {message!r}")
+            raise Skipped("malformed_turn", f"turn {index} has no known role or no text: {message!r}")
         expected = "user" if index % 2 == 0 else "assistant"
         if role != expected:
-            raise TemplateError(
+            raise Skipped(
                 "roles_not_alternating",
                 f"turn {index} is from {role}; turns must alternate starting with the user",
             )
         if not text.strip() or text.strip() == IMAGE_TOKEN:
-            raise TemplateError("empty_turn", f"turn {index} ({role}) is empty")
+            raise Skipped("empty_turn", f"turn {index} ({role}) is empty")
         turns.append(Turn(role, text))
     if not turns:
-        raise TemplateError("empty_conversation", "the conversation has no turns")
+        raise Skipped("empty_conversation", "the conversation has no turns")
     if require_answer and turns[-1].role != "assistant":
-        raise TemplateError("no_answer", "the conversation must end with an assistant answer")
+        raise Skipped("no_answer", "the conversation must end with an assistant answer")
     if not require_answer and turns[-1].role != "user":
-        raise TemplateError("no_question", "a generation prompt must end with the user's turn")
+        raise Skipped("no_question", "a generation prompt must end with the user's turn")
     if IMAGE_TOKEN in turns[0].text:
         question = turns[0].text.replace(IMAGE_TOKEN, "").strip()
         turns[0] = Turn("user", f"{IMAGE_TOKEN}\n{question}")
     return turns
-
-
-@dataclass(frozen=True)
-class Template:
-    """One conversation format: how turns become spans, and where an answer ends."""
-
-    name: str
-    system: str
-    add_bos: bool
-    end_marker: str  # generation stops here; part of every supervised answer
-
-    def render(self, turns: Sequence[Turn], generation_prompt: bool = False) -> list[Span]:
-        """Spans of the conversation; with ``generation_prompt`` the turns end with a user turn."""
-        render = _RENDERERS[self.name]
-        return render(self, list(turns), generation_prompt)
-
-    def prompt_text(self, turns: Sequence[Turn]) -> str:
-        """The text the model continues at generation time (turns end with the user's)."""
-        return "".join(span.text for span in self.render(turns, generation_prompt=True))
-
-
-def _render_plain(template: Template, turns: list[Turn], generation_prompt: bool) -> list[Span]:
-    if generation_prompt:
-        return [Span(IMAGE_TOKEN if IMAGE_TOKEN in turns[0].text else "")]
-    if len(turns) != 2:
-        raise TemplateError(
-            "plain_needs_one_answer", f"'plain' takes one instruction and one answer, got {len(turns)} turns"
-        )
-    image = IMAGE_TOKEN if IMAGE_TOKEN in turns[0].text else ""
-    return [Span(image), Span(turns[1].text.strip() + template.end_marker, supervised=True)]
-
-
-def _render_vicuna(template: Template, turns: list[Turn], generation_prompt: bool) -> list[Span]:
-    spans = [Span(template.system + " ")]
-    for turn in turns:
-        if turn.role == "user":
-            spans.append(Span(f"USER: {turn.text} ASSISTANT:"))
-        else:
-            spans.append(Span(f" {turn.text}{template.end_marker}", supervised=True))
-    return spans
-
-
-def _render_llama_2(template: Template, turns: list[Turn], generation_prompt: bool) -> list[Span]:
-    spans: list[Span] = []
-    for index, turn in enumerate(turns):
-        if turn.role == "user":
-            system = f"<<SYS>>\n{template.system}\n<</SYS>>\n\n" if index == 0 else ""
-            opener = "" if index == 0 else "<s>"  # the first <s> is the tokenizer's BOS
-            spans.append(Span(f"{opener}[INST] {system}{turn.text} [/INST]"))
-        else:
-            spans.append(Span(f" {turn.text} {template.end_marker}", supervised=True))
-    return spans
-
-
-def _render_chatml(template: Template, turns: list[Turn], generation_prompt: bool) -> list[Span]:
-    end = template.end_marker
-    spans = [Span(f"<|im_start|>system\n{template.system}{end}")]
-    for turn in turns:
-        if turn.role == "user":
-            spans.append(Span(f"<|im_start|>user\n{turn.text}{end}<|im_start|>assistant\n"))
-        else:
-            spans.append(Span(f"{turn.text}{end}", supervised=True))
-    return spans
-
-
-_RENDERERS = {
-    "plain": _render_plain,
-    "vicuna_v1": _render_vicuna,
-    "llava_v1": _render_vicuna,
-    "llava_llama_2": _render_llama_2,
-    "chatml": _render_chatml,
-}
-
-TEMPLATES: dict[str, Template] = {
-    "plain": Template("plain", system="", add_bos=True, end_marker="\n"),
-    "vicuna_v1": Template("vicuna_v1", system=VICUNA_SYSTEM, add_bos=True, end_marker="</s>"),
-    "llava_v1": Template("llava_v1", system=LLAVA_V1_SYSTEM, add_bos=True, end_marker="</s>"),
-    "llava_llama_2": Template("llava_llama_2", system=LLAMA_2_SYSTEM, add_bos=True, end_marker="</s>"),
-    "chatml": Template("chatml", system=CHATML_SYSTEM, add_bos=False, end_marker="<|im_end|>"),
-}
-
-
-def template_fixed_texts() -> list[str]:
-    """The templates' own text (system prompts, role markers), for training the tiny tokenizer."""
-    texts = [t.system for t in TEMPLATES.values() if t.system]
-    return [*texts, "USER: ASSISTANT:", "[INST] <<SYS>>\n<</SYS>>\n\n [/INST]", "system\nuser\nassistant\n"]
-
-
-def get_template(name: str) -> Template:
-    if name not in TEMPLATES:
-        raise ValueError(f"unknown template {name!r}; choose one of {', '.join([*TEMPLATES, 'tokenizer'])}")
-    return TEMPLATES[name]
 
 
 def tokenize_conversation(
@@ -221,7 +275,7 @@ def tokenize_conversation(
     image_positions: int,
     max_length: int | None = None,
 ) -> TokenizedConversation:
-    """Render, tokenize and mask one conversation; raise :class:`TemplateError` with a reason.
+    """Render, tokenize and mask one conversation; raise :class:`Skipped` with a reason.
 
     ``image_positions`` is how many sequence positions one image takes (576 for CLIP-L/336).
     ``max_length`` counts image positions; truncation never cuts inside an image, and a sample
@@ -238,15 +292,13 @@ def tokenize_conversation(
     num_images = ids.count(image_id)
     if max_length is not None and len(input_ids) > max_length:
         if input_ids[max_length - 1] == image_id and input_ids[max_length] == image_id:
-            raise TemplateError(
+            raise Skipped(
                 "truncated_inside_image", f"model_max_length={max_length} would cut inside an image"
             )
         input_ids, labels = input_ids[:max_length], labels[:max_length]
     result = TokenizedConversation(input_ids, labels, num_images, text)
     if result.num_supervised == 0:
-        raise TemplateError(
-            "no_supervised_tokens", "no answer token is left to train on (truncated or empty)"
-        )
+        raise Skipped("no_supervised_tokens", "no answer token is left to train on (truncated or empty)")
     return result
 
 

@@ -13,29 +13,21 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from llava_ray.config.model_sources import resolve_sources
 from llava_ray.config.schema import ModelConfig
+from llava_ray.conversation.chat_template import jinja_chat_template
+from llava_ray.conversation.templates import IMAGE_TOKEN, TEMPLATES
 from llava_ray.utils.storage import local_copy
 
-IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
 TINY_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", PAD_TOKEN, IMAGE_TOKEN, "<|im_start|>", "<|im_end|>"]
 TINY_VOCAB_SIZE = 1024
 
 # ChatML with generation markers, so `apply_chat_template(..., return_assistant_tokens_mask=True)`
 # knows which tokens the assistant wrote (the `tokenizer` conversation template relies on it).
-TINY_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}"
-    "{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
-    "{% else %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+TINY_CHAT_TEMPLATE = jinja_chat_template(TEMPLATES["chatml"], default_system="", generation_markers=True)
 
 
 def train_tiny_tokenizer(
@@ -74,8 +66,6 @@ def train_tiny_tokenizer(
     return out_dir
 
 
-
-
 def ensure_special_tokens(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """Add ``<image>`` (as one special token) and a pad token where the tokenizer lacks them.
 
@@ -91,6 +81,9 @@ def ensure_special_tokens(tokenizer: PreTrainedTokenizerBase) -> PreTrainedToken
 
 def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
     """The tokenizer with LLaVA's ``<image>`` placeholder and a pad token present."""
+    # transformers' Auto classes import torch; data workers import this module without needing them.
+    from transformers import AutoTokenizer
+
     source = resolve_sources(config).tokenizer
     tokenizer = AutoTokenizer.from_pretrained(
         local_copy(source),
