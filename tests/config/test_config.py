@@ -7,12 +7,13 @@ import yaml
 
 from llava_ray.cli import main
 from llava_ray.config import ConfigError, flatten_config, load_config
-from llava_ray.config.loader import apply_overrides
+from llava_ray.config.loader import SHIPPED_CONFIGS, SHIPPED_SWEEPS, apply_overrides
 from llava_ray.config.sweep import load_sweep
 from llava_ray.workflows.pipeline import load_pipeline
 
 REPO = Path(__file__).resolve().parents[2]
-SHIPPED = sorted((REPO / "jobs").rglob("*.yaml"))
+ASSETS = REPO / "platform/llava_ray/assets"  # the shipped YAMLs are package data (jobs/* link here)
+SHIPPED = sorted([*(ASSETS / "configs").rglob("*.yaml"), *(ASSETS / "sweeps").rglob("*.yaml")])
 
 
 def write(tmp_path: Path, data: dict) -> Path:
@@ -156,6 +157,16 @@ def test_shipped_configs_exist():
     assert len(SHIPPED) >= 9
 
 
+def test_shipped_configs_are_package_data_and_jobs_links_to_them():
+    assert Path(str(SHIPPED_CONFIGS)) == ASSETS / "configs" and Path(str(SHIPPED_SWEEPS)) == ASSETS / "sweeps"
+    # `ray job submit --working-dir .` users name jobs/configs/... and jobs/sweeps/...; Ray copies what a
+    # link points to.
+    for folder in ("configs", "sweeps"):
+        link = REPO / "jobs" / folder
+        assert link.is_symlink() and link.resolve() == ASSETS / folder
+    assert (REPO / "jobs/configs/tiny/pretrain.yaml").samefile(ASSETS / "configs/tiny/pretrain.yaml")
+
+
 def test_cli_validate_prints_resolved_config_or_exits_2(tmp_path, capsys):
     good = write(tmp_path, {"model": {"preset": "tiny"}})
     assert main(["validate", "--config", str(good), "train.max_steps=5"]) == 0
@@ -163,3 +174,10 @@ def test_cli_validate_prints_resolved_config_or_exits_2(tmp_path, capsys):
     assert printed["train"]["max_steps"] == 5 and printed["model"]["preset"] == "tiny"
     assert main(["validate", "--config", str(good), "train.max_stpes=5"]) == 2
     assert "train.max_stpes: unknown key. Did you mean 'max_steps'?" in capsys.readouterr().err
+
+
+def test_train_attention_is_a_typed_switch(tmp_path):
+    assert load_config().train.attention == "segments"
+    assert load_config(None, ["train.attention=varlen"]).train.attention == "varlen"
+    with pytest.raises(ConfigError, match=r"train\.attention"):
+        load_config(None, ["train.attention=flash"])

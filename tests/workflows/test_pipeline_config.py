@@ -75,3 +75,8 @@ def test_unknown_pipeline_keys_name_the_pipeline_keys(tmp_path):
     path = write(tmp_path, "p.yaml", {"pipeline": {"pretrain": "a", "finetune": "b", "evaluat": "c"}})
     with pytest.raises(ConfigError, match="Did you mean 'evaluate'"):
         load_pipeline(path)
+
+
+def test_a_missing_pipeline_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="pipeline file .*missing.yaml' does not exist"):
+        load_pipeline(tmp_path / "missing.yaml")

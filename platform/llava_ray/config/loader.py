@@ -2,6 +2,11 @@
 
 Every problem is collected and raised once as :class:`ConfigError`, one line per bad key with
 its value and the fix: a typo is an error with a "did you mean" hint, never silently ignored.
+
+The configs and sweeps llava-ray ships (what the demo runs, the LLaVA-1.5 recipes) are package data
+under ``llava_ray/assets/``, found with :data:`SHIPPED_CONFIGS` and :data:`SHIPPED_SWEEPS` however
+llava-ray is installed; in a checkout ``jobs/configs`` and ``jobs/sweeps`` link to them, so
+``ray job submit --working-dir .`` jobs name them as before.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import difflib
 import typing
 from collections.abc import Iterable, Sequence
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +22,14 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from llava_ray.config.schema import LlavaRayConfig, cross_section_problems
+
+if typing.TYPE_CHECKING:  # importlib.resources.abc is Python >= 3.11
+    from importlib.resources.abc import Traversable
+
+# Shipped YAMLs: stage and pipeline configs by model (tiny/, llava-1.5-7b/, ...), and sweeps. A sweep's
+# base config is named relative to the sweep file (../../configs/...), so the two folders stay siblings.
+SHIPPED_CONFIGS: Traversable = files("llava_ray") / "assets" / "configs"
+SHIPPED_SWEEPS: Traversable = files("llava_ray") / "assets" / "sweeps"
 
 
 class ConfigError(ValueError):

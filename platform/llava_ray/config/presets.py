@@ -109,16 +109,6 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-
-
-
-
-
-
-
-
-
-
 def describe_presets() -> str:
     """One line per preset, for ``llava-ray presets``."""
     lines = []

@@ -200,9 +200,20 @@ class TrainConfig(Section):
         True,
         description="Pack each micro-batch's samples into one row with per-sample attention (no padding, same loss).",
     )
+    attention: Literal["segments", "varlen"] = Field(
+        "segments",
+        description=(
+            "Packed rows' per-sample attention: segments (one SDPA call per sample); varlen (one call of "
+            "torch's variable-length FlashAttention on CUDA in bf16/fp16, else falls back to segments)."
+        ),
+    )
     freeze_vision_tower: bool = Field(True, description="Keep the vision encoder frozen (LLaVA: always).")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings when trainable is lora.")
-    log_every_steps: int = Field(1, gt=0, description="Progress line and metrics every N steps.")
+    log_every_steps: int = Field(
+        1,
+        gt=0,
+        description="MLflow metrics every N steps; a progress line every N steps or 10 s, whichever is coarser.",
+    )
     val_fraction: float = Field(
         0.0, ge=0, lt=1, description="Share of the prepared samples held out for a validation loss (0: none)."
     )
@@ -253,6 +264,11 @@ class ScalingConfig(Section):
     )
     max_failures: int = Field(
         3, ge=0, description="Worker-group restarts (from the latest checkpoint) before the job fails."
+    )
+    gpu_peak_tflops: float = Field(
+        989.0,
+        gt=0,
+        description="Dense bf16 peak TFLOP/s of one GPU, the denominator of MFU (H100/H200 SXM: 989; A100: 312).",
     )
 
 

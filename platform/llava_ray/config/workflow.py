@@ -44,5 +44,3 @@ class PipelineJobs:
     finetune: LlavaRayConfig
     generate: LlavaRayConfig | None = None
     evaluate: LlavaRayConfig | None = None
-
-

@@ -14,6 +14,7 @@ reported once, before any work: the job fails with a clear message unless
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -29,13 +30,14 @@ from typing import Any
 from llava_ray.config.loader import dump_config, flatten_config
 from llava_ray.config.schema import LlavaRayConfig
 
+logger = logging.getLogger(__name__)
+
 # A key is secret when its last word is one of these: "hf_token" and "api_key" are, "tokenizer" is not.
 SECRET_KEY = re.compile(
     r"(^|[_\-.])(api_?key|access_?key|secret(_?key)?|token|password|passwd|credentials?|auth)$", re.IGNORECASE
 )
 REDACTED = "***"
 PARAM_VALUE_LIMIT = 6000  # MLflow's limit on a param value
-REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 class TrackingUnavailable(RuntimeError):
@@ -83,20 +85,28 @@ def redact(params: Mapping[str, Any]) -> dict[str, str]:
     return redacted
 
 
-def git_commit() -> str:
-    """The code's commit: ``$LLAVA_RAY_GIT_COMMIT`` (set it for ``ray job submit``), else git, else unknown."""
+def git_commit() -> str | None:
+    """The commit of the code being run, or None when unknown.
+
+    ``$LLAVA_RAY_GIT_COMMIT`` when set: deployment metadata, for ``ray job submit``, whose working
+    directory copy has no git history. Else the HEAD of the git checkout holding the current working
+    directory (the job is launched from the repository root), not of wherever the package is
+    installed: an installed llava-ray has no checkout of its own.
+    """
     if os.environ.get("LLAVA_RAY_GIT_COMMIT"):
         return os.environ["LLAVA_RAY_GIT_COMMIT"]
     try:
-        return subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"],
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path.cwd(),
             capture_output=True,
             text=True,
             check=True,
             timeout=5,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return None
+    return commit or None
 
 
 def ray_job_submission_id() -> str | None:
@@ -230,9 +240,8 @@ def check_tracking(config: LlavaRayConfig) -> str | None:
             f"{problem}. Start the server, fix tracking.uri / MLFLOW_TRACKING_URI, or set "
             "tracking.required=false to run without tracking"
         )
-    print(
-        f"[tracking] WARNING: {problem}; running WITHOUT MLflow tracking (tracking.required=false)",
-        flush=True,
+    logger.warning(
+        f"[tracking] WARNING: {problem}; running WITHOUT MLflow tracking (tracking.required=false)"
     )
     return None
 
@@ -268,7 +277,7 @@ def tracked_run(
         "llava_ray.job": job,
         "llava_ray.stage": config.train.stage if job == "train" else job,
         "llava_ray.model_preset": config.model.preset,
-        "mlflow.source.git.commit": git_commit(),
+        **({"mlflow.source.git.commit": commit} if (commit := git_commit()) else {}),
         "mlflow.runName": run_name or f"{config.run.name}-{job}",
         **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}),
         **({"ray.job_submission_id": ray_job_submission_id()} if ray_job_submission_id() else {}),

@@ -1,4 +1,10 @@
-"""Local paths and remote URLs (``s3://``, any fsspec protocol) behind one interface."""
+"""Local paths and remote URLs (``s3://``, any fsspec protocol) behind one interface.
+
+Remote weights and tokenizers are copied once into a cache folder, ``~/.cache/llava-ray``, or
+``$LLAVA_RAY_CACHE`` when set. That is an environment setting on purpose, not a config field: it
+says where this machine keeps downloads (like ``HF_HOME``), changes nothing a run computes, and
+must hold for every job on the node, including ones that read no llava-ray config.
+"""
 
 from __future__ import annotations
 
