@@ -39,15 +39,15 @@ test-fast: install
 # The layer contract (pyproject's [tool.importlinter]) is checked with the style: a module that imports
 # from a layer above its own fails `make lint` (and tests/test_layers.py in `make test`).
 lint: install
-	$(BIN)/ruff check platform jobs tests
-	$(BIN)/ruff format --check platform jobs tests
+	$(BIN)/ruff check platform jobs benchmarks tests
+	$(BIN)/ruff format --check platform jobs benchmarks tests
 	$(BIN)/lint-imports
 
 format: install
-	$(BIN)/ruff format platform jobs tests
-	$(BIN)/ruff check --fix platform jobs tests
+	$(BIN)/ruff format platform jobs benchmarks tests
+	$(BIN)/ruff check --fix platform jobs benchmarks tests
 
-# Wheels that cluster/gpu_benchmark.sh installs on a bare GPU machine lacking them (Python 3.12,
+# Wheels that benchmarks/gpu_benchmark.sh installs on a bare GPU machine lacking them (Python 3.12,
 # x86-64): pydantic and its needs, at the versions installed here. Carry .whl/ along with the repo.
 GPU_WHEEL_PACKAGES := pydantic pydantic_core annotated-types typing-inspection
 gpu-wheels: install

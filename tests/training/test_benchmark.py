@@ -1,23 +1,38 @@
-"""The training benchmark: its pieces, and a short run of ``jobs/benchmark.py train`` end to end."""
+"""The benchmarks under ``benchmarks/`` (outside the package): the training benchmark's pieces and
+a short run of ``benchmarks/run.py train`` end to end; the prepare benchmark's figures and CPU
+sampler (its full run needs a Ray cluster and minutes, so it is not run here)."""
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
 
 from llava_ray.conversation.templates import IGNORE_INDEX
-from llava_ray.training.benchmark import (
-    LLAVA_665K_MIX,
-    TrainBenchOptions,
-    grouped_micro_batches,
-    run_train_benchmark,
-    synthetic_rows,
-)
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` as a module (benchmarks/ is scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up in sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+train_step = load_benchmark("train_step")
+prepare_throughput = load_benchmark("prepare_throughput")
+LLAVA_665K_MIX = train_step.LLAVA_665K_MIX
+TrainBenchOptions = train_step.TrainBenchOptions
+grouped_micro_batches = train_step.grouped_micro_batches
+run_train_benchmark = train_step.run_train_benchmark
+synthetic_rows = train_step.synthetic_rows
 
 
 def test_synthetic_rows_follow_the_mix():
@@ -63,7 +78,7 @@ def test_gpu_presets_need_a_gpu_or_smoke():
 
 def test_train_benchmark_runs_and_ends_with_one_json_line():
     completed = subprocess.run(
-        [sys.executable, "jobs/benchmark.py", "train", "--preset", "tiny", "--steps", "2", "--warmup", "1"],
+        [sys.executable, "benchmarks/run.py", "train", "--preset", "tiny", "--steps", "2", "--warmup", "1"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -86,3 +101,26 @@ def test_train_benchmark_runs_and_ends_with_one_json_line():
     # As training packs: each of (a)'s micro-batches becomes one row, the LM head only where supervised.
     assert figures["baseline"]["step_micro_batches"] == figures["llava_ray"]["step_micro_batches"]
     assert figures["packing"] and figures["lm_head"] == "supervised"
+
+
+def test_prepare_figures_are_measured_around_the_run():
+    loop = prepare_throughput.LoopTiming(per_s=100.0, per_cpu_s=110.0)
+    timing = prepare_throughput.PipelineTiming(
+        seconds=10.0, driver_cpu_s=2.0, worker_cpu_s=18.0, report={"written": 1000}
+    )
+    figures = prepare_throughput.prepare_figures(1000, 2, loop, loop, timing)
+    assert figures["prepare_samples_per_s_per_core"] == 50.0 and figures["ratio"] == 0.5
+    assert figures["prepare_samples_per_cpu_s"] == 50.0 and figures["ratio_cpu_time"] == pytest.approx(
+        0.455, abs=1e-3
+    )
+    # Under ray job submit the workers are not this process's children: no CPU-time figures.
+    remote = prepare_throughput.PipelineTiming(10.0, 2.0, None, {"written": 1000})
+    figures = prepare_throughput.prepare_figures(1000, 2, loop, loop, remote)
+    assert figures["ratio"] == 0.5 and figures["ratio_cpu_time"] is None
+
+
+def test_child_cpu_sampler_counts_children_that_exit():
+    burn = "import time\nend = time.process_time() + 0.5\nwhile time.process_time() < end: pass"
+    with prepare_throughput.ChildCpuSampler(interval_s=0.05) as sampler:
+        subprocess.run([sys.executable, "-c", burn], check=True)
+    assert sampler.cpu_s >= 0.3

@@ -1,8 +1,8 @@
 """Training-step benchmark: stock Hugging Face LLaVA training vs llava-ray's step, same process.
 
-    python jobs/benchmark.py train                                   # tiny preset, CPU
-    python jobs/benchmark.py train --preset stage2-1b --device cuda --steps 10
-    python jobs/benchmark.py train --preset llava-7b-stage1 --device cuda --packing off
+    python benchmarks/run.py train                                   # tiny preset, CPU
+    python benchmarks/run.py train --preset stage2-1b --device cuda --steps 10
+    python benchmarks/run.py train --preset llava-7b-stage1 --device cuda --packing off
 
 Both contenders train the same model shape (random init, same seed) on the same global batch of
 synthetic samples, one optimizer step repeated; warm-up steps are excluded and the contenders'
@@ -14,16 +14,18 @@ measured steps alternate (a, b, a, b, ...) so that load from other processes wei
     gradient clipping at 1.0, stock SDPA attention. Batches are padded and grouped as LLaVA-1.5
     does, by modality and length: each modality's samples are sorted by length and cut into
     micro-batches (``--grouping sorted``, the default). LLaVA's own sampler then spreads each
-    sorted mega-batch over its micro-batches to balance them (``split_to_even_chunks``), which
-    pads more; ``--grouping llava`` reproduces that. The default is the kinder of the two, so the
-    ratio is conservative.
+    sorted mega-batch over its micro-batches to balance them (``split_to_even_chunks``, copied
+    here), which pads more; ``--grouping llava`` reproduces that. The default is the kinder of the
+    two, so the ratio is conservative.
 (b) ``llava_ray``: ``train_step`` with ``PlainEngine`` over our ``LlavaModel`` and the same AdamW,
     as the training loop runs it: with ``--packing on`` (default, as ``train.packing``) each of
     (a)'s micro-batches becomes one packed row (``packing.pack_micro_batch``: the same samples per
     micro-batch, no padding, never more positions than (a)'s micro-batch). Attention runs per
     sample (``packing.use_segment_attention``) and the LM head and cross-entropy run only at
     supervised positions (``LlavaModel.forward`` with ``return_logits=False``: no full
-    [tokens, vocab] fp32 logits). ``--packing off`` trains (a)'s padded micro-batches with the
+    [tokens, vocab] fp32 logits). ``--attention varlen`` (as ``train.attention=varlen``) runs a
+    packed row's samples through torch's variable-length FlashAttention kernel in one call on CUDA
+    in half precision. ``--packing off`` trains (a)'s padded micro-batches with the
     same attention and loss, which shows what packing itself adds; ``--lm-head full`` computes the
     logits everywhere, which shows what the supervised-only head adds.
 
@@ -47,25 +49,11 @@ fraction (padding / all positions), peak memory of one untimed step after the wa
 ``torch.cuda.max_memory_allocated``; CPU: the process's resident-set high-water mark, VmHWM, reset
 through ``/proc/self/clear_refs`` after glibc returned its free heap, so each contender's peak is
 its own; both the absolute peak, which includes both models, and the rise over the step's start:
-activations, gradients, temporaries), and MFU against 989 TFLOP/s bf16
-(H100) on GPU (``n/a`` on CPU). ``ratio`` is (b)/(a) in supervised tokens/s. By CPU time (per
-process CPU second) as well, since on a loaded machine wall-clock figures move with others' load.
-The last line printed is one JSON object with every figure.
-
-Measured on the tiny preset as it is now (16 image positions; AMD EPYC, 2 otherwise idle cores,
-two threads, fp32, 32 samples: 22 vqa, 8 instruct, 2 sharegpt, 34-512 tokens; 5 steps after 1
-warm-up; wall and CPU-time ratios agreed within 0.01): (a) 3262-3932 supervised tok/s at 17%
-padding, (b) 3559-4706 at 0%, ratio 1.09-1.22; against LLaVA's own sampler (``--grouping llava``,
-31% padding) 1.27-1.41. ``--packing off`` gives 1.05-1.09 and ``--lm-head full`` 1.10-1.17, so
-packing and the supervised-only head both pay and training uses both. Peak memory is level (about
-+0.06 GiB over each step's start for (b), +0.10 for (a)). Packing the whole global batch into
-fewer, fuller rows instead of each micro-batch into one row measured the same (earlier preset)
-with more memory. The tiny LM is compute-bound on the CPU (matrix products about half of a step,
-attention about a fifth), so (b) can save only padding, masked attention blocks and unsupervised
-logits; ``torch.compile`` and fused projections measured no faster. The 1.5x goal is not met on
-this CPU; on GPUs the same savings weigh more (dense masked SDPA against flash kernels per
-sample, and full fp32 logits over a 32K vocabulary), which the GPU presets are there to measure
-(not run yet: no GPU was available when this was written; ``cluster/gpu_benchmark.sh`` runs them).
+activations, gradients, temporaries), and MFU against ``llava_ray.training.metrics.peak_flops``
+(an H100's 989 TFLOP/s bf16 by default) on GPU (``None`` on CPU). ``ratio`` is (b)/(a) in supervised tokens/s; ``ratio_cpu_time`` the same
+per process CPU second, since on a loaded machine wall-clock figures move with others' load. The
+last line printed is one JSON object with every figure. Measured figures, with the commit and the
+machine they were taken on: ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
@@ -290,6 +278,7 @@ class TrainBenchOptions:
     packing: bool = True
     grouping: Literal["sorted", "llava"] = "sorted"
     lm_head: Literal["supervised", "full"] = "supervised"  # (b)'s LM head: supervised positions or all
+    attention: Literal["segments", "varlen"] = "segments"  # (b)'s per-sample attention, as train.attention
     smoke: bool = False  # shrink model and batch (SMOKE), bf16: checks a GPU preset's code path anywhere
     seed: int = 0
 
@@ -562,7 +551,8 @@ def run_train_benchmark(options: TrainBenchOptions) -> dict[str, Any]:
 
     # (b) trains a copy with its own attention implementation; (a) stays stock.
     ours = copy.deepcopy(model)
-    use_segment_attention(ours.language_model)  # exact on padded batches too (it defers to SDPA there)
+    # Exact on padded batches too (it defers to SDPA there); varlen falls back to segments off CUDA.
+    use_segment_attention(ours.language_model, options.attention)
     if options.packing:  # as train.packing: each of (a)'s micro-batches as one packed row
         ours_batches = [
             pack_micro_batch([rows[i] for i in group], tokenizer.pad_token_id, image_size) for group in groups
@@ -646,6 +636,7 @@ def _figures(
         "smoke": options.smoke,
         "grouping": options.grouping,
         "lm_head": options.lm_head,
+        "attention": options.attention,
         "steps": options.steps,
         "warmup": options.warmup,
         "global_batch_size": preset.global_batch_size,
