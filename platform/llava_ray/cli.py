@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from llava_ray.config import ConfigError, LlavaRayConfig, dump_config, load_config
+from llava_ray.utils.logging import setup_logging
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +52,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = run_train(_config(args))
     print(f"[train] {result.run_name}: {result.steps} steps, final model in {result.final_model}")
     return 0
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from llava_ray.workflows.pipeline import load_pipeline, run_pipeline
+
+    jobs = load_pipeline(args.config, args.overrides)
+    result = run_pipeline(
+        jobs.pretrain,
+        jobs.finetune,
+        name=jobs.pipeline.name,
+        reuse_prepared=jobs.pipeline.reuse_prepared,
+        generate=jobs.generate,
+        evaluate=_evaluate_final_model(jobs.evaluate) if jobs.evaluate else None,
+    )
+    print(f"[pipeline] done: final model {result.stage('finetune').result.final_model}")
+    if jobs.evaluate:
+        metrics = result.stage("evaluate").result["metrics"]
+        print(f"[pipeline] evaluation ({jobs.evaluate.evaluate.benchmark}): {metrics}")
+    return 0
+
+
+def _evaluate_final_model(config: LlavaRayConfig) -> Callable[[str, str | None], dict[str, Any]]:
+    """The pipeline's last step: ``config.evaluate`` on stage 2's final model, as a child of its run."""
+
+    def evaluate(final_model: str, parent_run_id: str | None) -> dict[str, Any]:
+        from llava_ray.evaluation.job import run_evaluate
+
+        return run_evaluate(config.evaluate.model_copy(update={"model": final_model}), config, parent_run_id)
+
+    return evaluate
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -99,13 +131,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from llava_ray.workflows.demo import DEMO_SAMPLES, run_demo
 
     samples = DEMO_SAMPLES if args.samples is None else args.samples
-    run_demo(args.workdir, samples=samples, seed=args.seed)
+    run_demo(args.workdir, samples=samples, seed=args.seed, extra=tuple(args.overrides))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llava-ray", description="Train LLaVA-style vision-language assistants on Ray."
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show every rank's lines and third-party (Ray, DeepSpeed, transformers, MLflow) info and warnings",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -129,6 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_arguments(
         add("train", cmd_train, "train one stage (pretrain or finetune) on Ray Train + DeepSpeed")
+    )
+    pipeline = add(
+        "pipeline",
+        cmd_pipeline,
+        "the LLaVA recipe as one job: [generate-data] -> prepare -> pretrain -> finetune -> [evaluate]",
+    )
+    pipeline.add_argument("--config", required=True, help="pipeline YAML (see jobs/configs/*/pipeline.yaml)")
+    pipeline.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides for both training stages"
     )
     tune = add(
         "tune", cmd_tune, "sweep stage-job settings (projector, learning rate, ...) with Ray Tune and ASHA"
@@ -170,6 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--samples", type=int, default=None, help="synthetic training images (default: the demo's, 4000)"
     )
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides for both stages, e.g. train.max_steps=3 for a quick check",
+    )
 
     tokenizer = add("build-tokenizer", cmd_build_tokenizer, "retrain the tiny preset's tokenizer")
     tokenizer.add_argument("--out", required=True, help="output folder")
@@ -180,11 +232,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from llava_ray.tracking.mlflow_tracking import TrackingUnavailable
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["chat"]:
+    verbose = argv[:1] == ["--verbose"]
+    if argv[verbose : verbose + 1] == ["chat"]:
         from llava_ray.evaluation.chat import chat_main
 
-        return chat_main(argv[1:])
+        setup_logging(verbose)
+        return chat_main(argv[verbose + 1 :])
     args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
     try:
         return args.handler(args)
     except (ConfigError, TrackingUnavailable) as error:  # nothing was done: say why, exit 2

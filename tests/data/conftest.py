@@ -7,6 +7,7 @@ session fixtures of ``tests/conftest.py``, shared with the other suites: one of 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,9 @@ from typing import Any
 import pytest
 
 from llava_ray.config import LlavaRayConfig, validate_config
+from llava_ray.data.report import Skip
+from llava_ray.data.samples import PreparedSample, SamplePreparer
+from llava_ray.data.sources import WorkItem
 
 
 def tiny_config(
@@ -48,3 +52,20 @@ def tiny_config(
 def make_config() -> Callable[..., LlavaRayConfig]:
     """:func:`tiny_config`, for tests (conftest modules are not importable under importlib mode)."""
     return tiny_config
+
+
+def prepare_in_process(
+    preparer: SamplePreparer, records: list[dict[str, Any]]
+) -> list[PreparedSample | Skip]:
+    """Parsed LLaVA records (of the first source) prepared in this process, as a pipeline worker does."""
+    items = [
+        WorkItem(row, 0, str(record.get("id", "")), f"test[{row}]", json.dumps(record), copies=1)
+        for row, record in enumerate(records)
+    ]
+    return preparer.prepare(items)
+
+
+@pytest.fixture(scope="session")
+def prepare_records() -> Callable[[SamplePreparer, list[dict[str, Any]]], list[PreparedSample | Skip]]:
+    """:func:`prepare_in_process`, for tests."""
+    return prepare_in_process

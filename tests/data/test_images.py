@@ -13,7 +13,6 @@ from PIL import Image
 from llava_ray.data.images import (
     CLIP_MEAN_RGB,
     WHITE,
-    ImageError,
     ImageSettings,
     center_crop_square,
     decode_stored_image,
@@ -24,6 +23,7 @@ from llava_ray.data.images import (
     process_image,
     to_rgb,
 )
+from llava_ray.utils.skips import Skipped
 
 RED, GREEN, BLUE = (220, 30, 30), (30, 160, 50), (30, 70, 220)
 
@@ -203,9 +203,7 @@ def test_jpeg_storage_is_compact_and_close() -> None:
 def test_pixel_limit_is_checked_before_decoding() -> None:
     png = encoded(Image.new("RGB", (100, 100), RED))
     assert open_image(png, max_pixels=10_000).size == (100, 100)
-    with pytest.raises(
-        ImageError, match=r"100x100 = 10000 pixels is over data.max_image_pixels=9999"
-    ) as error:
+    with pytest.raises(Skipped, match=r"100x100 = 10000 pixels is over data.max_image_pixels=9999") as error:
         open_image(png, max_pixels=9_999)
     assert error.value.reason == "image_too_large"
 
@@ -213,17 +211,17 @@ def test_pixel_limit_is_checked_before_decoding() -> None:
 def test_decompression_bomb_is_a_counted_skip_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
     bomb = png_header_only(30_000, 30_000)  # 900M pixels declared in a 60-byte file
     # Pillow's own guard (on by default in any process) becomes the same counted skip ...
-    with pytest.raises(ImageError, match="could be decompression bomb") as error:
+    with pytest.raises(Skipped, match="could be decompression bomb") as error:
         open_image(bomb, max_pixels=10**12)
     assert error.value.reason == "image_too_large"
     # ... also where it only warns (between 1x and 2x its limit).
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)
-    with pytest.raises(ImageError, match="could be decompression bomb") as error:
+    with pytest.raises(Skipped, match="could be decompression bomb") as error:
         open_image(encoded(Image.new("RGB", (40, 40))), max_pixels=10**12)
     assert error.value.reason == "image_too_large"
     # Prepare workers turn Pillow's guard off: data.max_image_pixels alone decides, on the header.
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
-    with pytest.raises(ImageError, match=r"30000x30000 = 900000000 pixels is over") as error:
+    with pytest.raises(Skipped, match=r"30000x30000 = 900000000 pixels is over") as error:
         open_image(bomb, max_pixels=89_478_485)
     assert error.value.reason == "image_too_large"
 
@@ -239,7 +237,7 @@ def test_decompression_bomb_is_a_counted_skip_not_a_crash(monkeypatch: pytest.Mo
     ids=["empty", "garbage", "truncated-jpeg", "truncated-png"],
 )
 def test_unusable_files_raise_with_their_reason(data: bytes, reason: str, message: str) -> None:
-    with pytest.raises(ImageError, match=message) as error:
+    with pytest.raises(Skipped, match=message) as error:
         open_image(data, max_pixels=10**6)
     assert error.value.reason == reason
 
@@ -247,7 +245,7 @@ def test_unusable_files_raise_with_their_reason(data: bytes, reason: str, messag
 def test_corrupt_body_with_a_valid_header_is_corrupt() -> None:
     data = bytearray(encoded(three_stripes(90, 60), "PNG"))
     data[60:90] = bytes(byte ^ 0x55 for byte in data[60:90])
-    with pytest.raises(ImageError, match="cannot be decoded") as error:
+    with pytest.raises(Skipped, match="cannot be decoded") as error:
         open_image(bytes(data), max_pixels=10**6)
     assert error.value.reason == "corrupt_image"
 

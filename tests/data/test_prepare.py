@@ -146,13 +146,13 @@ def test_stage2_vicuna_keeps_text_only_samples(stage2: tuple[LlavaRayConfig, dic
     assert report["length_histogram"] == dict(histogram)
 
 
-def test_png_rows_decode_to_what_preparing_in_process_gives(stage2, synthetic: Path) -> None:
+def test_png_rows_decode_to_what_preparing_in_process_gives(stage2, synthetic: Path, prepare_records) -> None:
     config, _ = stage2
     samples = load_samples(synthetic / "stage2.json")
     preparer = SamplePreparer.from_config(config)
     for row in shard_rows(config.data.prepared_path):
         input_ids, labels, images = decode_prepared_row(row)
-        expected = preparer.prepare_record(samples[row["id"]])
+        (expected,) = prepare_records(preparer, [samples[row["id"]]])
         assert isinstance(expected, PreparedSample)
         assert (input_ids, labels) == (expected.input_ids, expected.labels), row["id"]
         assert row["num_supervised"] == expected.num_supervised and row["length"] == expected.length
@@ -162,13 +162,13 @@ def test_png_rows_decode_to_what_preparing_in_process_gives(stage2, synthetic: P
             assert np.array_equal(np.asarray(image), np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
 
 
-def test_jpeg_rows_match_the_processed_source_image(stage1, synthetic: Path) -> None:
+def test_jpeg_rows_match_the_processed_source_image(stage1, synthetic: Path, prepare_records) -> None:
     config, _ = stage1
     samples = load_samples(synthetic / "stage1.json")
     preparer = SamplePreparer.from_config(config)
     for row in shard_rows(config.data.prepared_path):
         input_ids, labels, (image,) = decode_prepared_row(row)
-        expected = preparer.prepare_record(samples[row["id"]])
+        (expected,) = prepare_records(preparer, [samples[row["id"]]])
         assert isinstance(expected, PreparedSample)
         assert (input_ids, labels) == (expected.input_ids, expected.labels)
         assert bytes(row["images"][0]) == expected.images[0]  # the same encoder on the same pixels
@@ -375,12 +375,11 @@ def test_skip_examples_name_samples_or_file_locations(bad_run) -> None:
     assert examples["truncated_inside_image"] == ["cut-inside-image"]
 
 
-def test_in_process_preparation_gives_the_same_reasons(bad_run, tmp_path: Path) -> None:
+def test_in_process_preparation_gives_the_same_reasons(bad_run, prepare_records) -> None:
     config, _ = bad_run
     preparer = SamplePreparer.from_config(config)
-    outcome = preparer.prepare_record(image_sample("x", "nope.png"))
+    outcome, good = prepare_records(preparer, [image_sample("x", "nope.png"), image_sample("y")])
     assert isinstance(outcome, Skip) and (outcome.reason, outcome.example) == ("missing_image", "x")
-    good = preparer.prepare_record(image_sample("y"))
     assert isinstance(good, PreparedSample) and good.modality == "image" and len(good.images) == 1
 
 
@@ -470,39 +469,16 @@ def test_weight_sampling_is_fixed_by_the_seed(
 # --- the report (no Ray) --------------------------------------------------------------------
 
 
-def test_steady_state_leaves_out_each_workers_first_batch(monkeypatch) -> None:
-    clock = iter([0.0, 5.0, 6.0, 7.0, 9.0])
-    monkeypatch.setattr("llava_ray.data.report.time.monotonic", lambda: next(clock))
-    builder = ReportBuilder(["a"])
-
-    def batch(first_row: int, count: int, worker: str, cpu: float) -> None:
-        rows = [Written(row, 0, 10, 1) for row in range(first_row, first_row + count)]
-        builder.add((), rows, (worker, cpu))
-
-    batch(0, 4, "w1", 4.0)  # t=0: w1 starts (its start-up in its CPU)
-    assert builder.steady_state() is None
-    batch(4, 4, "w2", 5.0)  # t=5: w2 starts: steady from here
-    batch(8, 4, "w1", 5.0)  # t=6: w1 used 1 CPU s for 4 samples
-    batch(12, 4, "w2", 7.0)  # t=7: w2 used 2 CPU s for 4
-    batch(16, 2, "w1", 6.0)  # t=9: w1 used 1 more for 2
-    assert builder.counts()["steady_state"] == {
-        "samples": 10,  # finished after t=5, over 4 s
-        "seconds": 4.0,
-        "samples_per_s": 2.5,
-        "cpu_samples": 10,
-        "worker_cpu_s": 4.0,  # w1 6-4, w2 7-5
-    }
-
-
 def test_report_counts_each_row_once_and_must_balance() -> None:
     builder = ReportBuilder(["a.jsonl", "b.json"])
     skips = [Skip(0, 0, "missing_image", "s0", 2), Skip(1, 1, "malformed_json", "b.json[1]")]
     written = [Written(2, 0, 100, 2), Written(3, 1, 300, 1)]
-    builder.add(skips, written, ("worker-1", 1.5))
-    builder.add(skips[:1], written[:1], ("worker-1", 2.5))  # a retried batch: nothing counted twice
+    builder.add(skips, written)
+    builder.add(skips[:1], written[:1])  # a retried batch: nothing counted twice
     counts = builder.counts()
     assert counts["written"] == 3 and counts["skipped"] == {"missing_image": 2, "malformed_json": 1}
-    assert counts["length_histogram"] == {"65-128": 2, "257-512": 1} and counts["worker_cpu_s"] == 2.5
+    assert counts["examples"] == {"missing_image": ["s0"], "malformed_json": ["b.json[1]"]}
+    assert counts["length_histogram"] == {"65-128": 2, "257-512": 1}
     expected = {
         "a.jsonl": {"records": 2, "sampled_out": 0, "input": 4},
         "b.json": {"records": 2, "sampled_out": 0, "input": 2},

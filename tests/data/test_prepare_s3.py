@@ -60,7 +60,9 @@ def test_prepares_from_s3_into_s3(s3_run, s3_dataset: Path) -> None:
     assert report["prepared_path"] == f"s3://{OUT_BUCKET}/stage2"
 
 
-def test_shards_and_report_read_back_through_s3fs(s3_run, s3_dataset: Path, make_config) -> None:
+def test_shards_and_report_read_back_through_s3fs(
+    s3_run, s3_dataset: Path, make_config, prepare_records
+) -> None:
     config, report = s3_run
     fs, prefix = filesystem(config.data.prepared_path)
     fs.invalidate_cache()
@@ -76,8 +78,7 @@ def test_shards_and_report_read_back_through_s3fs(s3_run, s3_dataset: Path, make
     assert {row["id"] for row in rows} == set(samples) - {"train-000003"}
     # The same samples prepared in-process from the local copy give the same rows.
     local = SamplePreparer.from_config(make_config([{"path": str(s3_dataset / "stage2.json")}]))
-    for row in rows:
-        expected = local.prepare_record(samples[row["id"]])
+    for row, expected in zip(rows, prepare_records(local, [samples[row["id"]] for row in rows]), strict=True):
         assert isinstance(expected, PreparedSample)
         input_ids, labels, images = decode_prepared_row(row)
         assert (input_ids, labels) == (expected.input_ids, expected.labels)

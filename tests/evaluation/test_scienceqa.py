@@ -195,7 +195,7 @@ def test_scienceqa_end_to_end(trained_model_dir, converted, release, tmp_path):
     summary = run_evaluate(config)
     rows = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert [row["id"] for row in rows] == ["1", "2", "3"]
-    assert summary["counts"] == {"items": 3, "answered": 3, "skipped": {}, "skip_examples": {}}
+    assert summary["counts"] == {"items": 3, "answered": 3, "skipped": {}, "examples": {}}
     parsed = [row for row in rows if row["parsed"] is not None]
     assert summary["metrics"]["unparsable"] == 3 - len(parsed)
     assert summary["metrics"]["accuracy"] == sum(row["correct"] for row in rows) / 3

@@ -22,8 +22,9 @@ from llava_ray.endpoints.client import ChatClient, ClientSettings, EndpointError
 from llava_ray.endpoints.journal import JOURNAL_SUFFIX, Journal, JournalError
 from llava_ray.generation.context import build_context, load_coco
 from llava_ray.generation.job import run_generate
-from llava_ray.generation.parse import ReplyRejected, detail_instruction, find_leak, parse_reply
+from llava_ray.generation.parse import detail_instruction, find_leak, parse_reply
 from llava_ray.generation.prompting import USES_BOXES, build_messages, load_prompts
+from llava_ray.utils.skips import Skipped
 
 API_KEY = "sk-test-secret"  # conftest.API_KEY; conftest modules are not importable under importlib mode
 TYPES = ("conversation", "detail", "complex")
@@ -170,7 +171,7 @@ def test_question_answer_parsing_tolerates_markup_and_multiline_answers():
     ],
 )
 def test_replies_are_rejected_with_a_reason(kind, reply, finish_reason, reason):
-    with pytest.raises(ReplyRejected) as rejected:
+    with pytest.raises(Skipped) as rejected:
         parse_reply(kind, reply, finish_reason)
     assert rejected.value.reason == reason
 

@@ -13,9 +13,8 @@ from llava_ray.conversation.templates import IGNORE_INDEX
 from llava_ray.model.build import build_llava_model
 from llava_ray.training.collate import collate_rows, image_to_tensor, rows_from_columns
 from llava_ray.training.packing import (
-    block_causal_mask,
     first_fit_decreasing,
-    pack_micro_batches,
+    pack_micro_batch,
     pack_rows,
     segment_attention_forward,
     segment_lengths,
@@ -97,22 +96,9 @@ def test_pack_rows_keys_counts_positions_and_boundary_labels(mixed_rows, tiny_to
     torch.testing.assert_close(packed["pixel_values"], expected, rtol=0, atol=0)
 
 
-def test_block_causal_mask_and_segments_follow_restarting_positions():
-    positions = torch.tensor([[0, 1, 2, 0, 1, 0]])
-    assert segment_lengths(positions) == [3, 2, 1]
-    mask = block_causal_mask(positions)[0, 0]
-    expected = torch.zeros(6, 6, dtype=torch.bool)
-    expected[:3, :3] = torch.ones(3, 3, dtype=torch.bool).tril()
-    expected[3:5, 3:5] = torch.ones(2, 2, dtype=torch.bool).tril()
-    expected[5, 5] = True
-    assert torch.equal(mask, expected)
-
-
-def test_pack_rows_refuses_an_unknown_attention_mode(mixed_rows, tiny_tokenizer):
-    with pytest.raises(
-        ValueError, match=r"attention='flash' is unknown; use one of position_ids, block_mask"
-    ):
-        pack_rows(mixed_rows, 512, tiny_tokenizer.pad_token_id, IMAGE_SIZE, attention="flash")
+def test_segments_follow_restarting_positions():
+    assert segment_lengths(torch.tensor([[0, 1, 2, 0, 1, 0]])) == [3, 2, 1]
+    assert segment_lengths(torch.tensor([[0, 1, 0], [0, 1, 2]])) == [2, 1, 3]
 
 
 def loss_and_grads(model, batches):
@@ -127,19 +113,17 @@ def loss_and_grads(model, batches):
     return total, grads
 
 
-@pytest.mark.parametrize(
-    ("attention", "kernel"),
-    [("position_ids", "sdpa"), ("block_mask", "sdpa"), ("position_ids", "segments")],
-)
+@pytest.mark.parametrize("kernel", ["sdpa", "segments"])
 def test_packed_and_padded_batches_give_the_same_loss_and_gradients(
-    mixed_rows, tiny_tokenizer, tiny_model, segment_model, attention, kernel
+    mixed_rows, tiny_tokenizer, tiny_model, segment_model, kernel
 ):
+    """As ``train.packing`` trains: each padded micro-batch of three samples becomes one packed row."""
     model = segment_model if kernel == "segments" else tiny_model
     pad_id = tiny_tokenizer.pad_token_id
-    padded = [collate_rows(mixed_rows[i : i + 2], pad_id, IMAGE_SIZE) for i in range(0, len(mixed_rows), 2)]
-    budget = 2 * max(len(row["input_ids"]) for row in mixed_rows)
-    packed = pack_micro_batches(mixed_rows, budget, pad_id, IMAGE_SIZE, attention=attention)
-    assert len(packed) < len(mixed_rows)
+    micro_batches = [mixed_rows[i : i + 3] for i in range(0, len(mixed_rows), 3)]
+    padded = [collate_rows(rows, pad_id, IMAGE_SIZE) for rows in micro_batches]
+    packed = [pack_micro_batch(rows, pad_id, IMAGE_SIZE) for rows in micro_batches]
+    assert all(batch["input_ids"].shape[0] == 1 for batch in packed)
     loss_padded, grads_padded = loss_and_grads(tiny_model, padded)
     loss_packed, grads_packed = loss_and_grads(model, packed)
     torch.testing.assert_close(loss_packed, loss_padded, rtol=1e-5, atol=1e-4)
@@ -262,3 +246,19 @@ def test_varlen_layout_matches_the_per_segment_calls():
     got = varlen_segments(query, key, value, segment_lengths(position_ids), 8**-0.5, kernel=reference_varlen)
     torch.testing.assert_close(got, expected)
     assert not varlen_applies(query, 0.0, None)  # a CPU tensor: the per-segment calls
+
+
+def test_varlen_attention_falls_back_to_the_per_segment_calls_off_cuda(
+    tiny_model, segment_model, mixed_rows, tiny_tokenizer
+):
+    """``train.attention=varlen`` where the kernel cannot run (a CPU): exactly the segments' result."""
+    varlen_model = copy.deepcopy(tiny_model)
+    use_segment_attention(varlen_model.language_model, "varlen")
+    assert varlen_model.language_model.config._attn_implementation == "llava_ray_varlen"
+    batch = pack_micro_batch(mixed_rows[:4], tiny_tokenizer.pad_token_id, IMAGE_SIZE)
+    with torch.no_grad():
+        expected = segment_model(**model_inputs(batch)).loss
+        got = varlen_model(**model_inputs(batch)).loss
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"attention='flash' is unknown; use one of segments, varlen"):
+        use_segment_attention(varlen_model.language_model, "flash")

@@ -2,8 +2,8 @@
 
 One function per step, each usable alone (the tests call them one by one):
 
-- :func:`open_image` decodes bytes and fails with an :class:`ImageError` whose ``reason`` is the
-  skip reason the prepare report counts: ``empty_image_file``, ``corrupt_image``,
+- :func:`open_image` decodes bytes and fails with :class:`~llava_ray.utils.skips.Skipped`, whose
+  ``reason`` is the skip reason the prepare report counts: ``empty_image_file``, ``corrupt_image``,
   ``truncated_image``, ``image_too_large`` (a decompression-bomb guard on the header's size,
   checked before any pixel is decoded) or ``unsupported_image_mode``.
 - :func:`to_rgb` handles every mode Pillow decodes to: transparency is composited on a background
@@ -27,6 +27,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from llava_ray.utils.skips import Skipped
+
 # CLIP's normalisation mean as 8-bit RGB: what LLaVA-1.5 pads non-square images with.
 CLIP_MEAN_RGB = (122, 116, 104)
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
@@ -38,14 +40,6 @@ ImageFormat = Literal["jpeg", "png"]
 
 _TRANSPARENT_MODES = {"RGBA", "LA", "PA", "RGBa"}
 _HIGH_BIT_GREY_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
-
-
-class ImageError(ValueError):
-    """An image that cannot be used; ``reason`` is the skip reason counted in reports."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -65,27 +59,27 @@ class ImageSettings:
 
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode ``data`` fully; raise :class:`ImageError` with the skip reason when it cannot be used.
+    """Decode ``data`` fully; raise :class:`Skipped` with the skip reason when it cannot be used.
 
     The pixel limit is checked on the header's size, before decoding, so a decompression bomb costs
     nothing. Pillow's own bomb check (``Image.MAX_IMAGE_PIXELS``) is turned from a warning into the
     same counted skip.
     """
     if not data:
-        raise ImageError("empty_image_file", "the image file is empty (0 bytes)")
+        raise Skipped("empty_image_file", "the image file is empty (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageError("image_too_large", str(error)) from None
+        raise Skipped("image_too_large", str(error)) from None
     except UnidentifiedImageError:
-        raise ImageError("corrupt_image", "not a decodable image") from None
+        raise Skipped("corrupt_image", "not a decodable image") from None
     except Exception as error:  # decoders raise assorted types (SyntaxError, struct.error, ...) on bad bytes
         raise _decode_error(error) from None
     width, height = image.size
     if width * height > max_pixels:
-        raise ImageError(
+        raise Skipped(
             "image_too_large",
             f"{width}x{height} = {width * height} pixels is over data.max_image_pixels={max_pixels}",
         )
@@ -96,11 +90,11 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     return image
 
 
-def _decode_error(error: Exception) -> ImageError:
+def _decode_error(error: Exception) -> Skipped:
     # Pillow reports a file that ends early as "image file is truncated" or "Truncated File Read".
     if "truncated" in str(error).lower():
-        return ImageError("truncated_image", f"the image file ends early: {error}")
-    return ImageError("corrupt_image", f"the image cannot be decoded: {type(error).__name__}: {error}")
+        return Skipped("truncated_image", f"the image file ends early: {error}")
+    return Skipped("corrupt_image", f"the image cannot be decoded: {type(error).__name__}: {error}")
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:
@@ -117,7 +111,7 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Imag
     try:
         return image.convert("RGB")
     except ValueError as error:  # e.g. LAB or multi-band modes Pillow cannot convert without a profile
-        raise ImageError(
+        raise Skipped(
             "unsupported_image_mode", f"cannot convert mode {image.mode!r} to RGB: {error}"
         ) from None
 
@@ -181,7 +175,7 @@ def transform_image(image: Image.Image, settings: ImageSettings) -> Image.Image:
 
 
 def process_image(data: bytes, settings: ImageSettings) -> bytes:
-    """Source file bytes -> stored bytes; raises :class:`ImageError` with a skip reason."""
+    """Source file bytes -> stored bytes; raises :class:`Skipped` with a skip reason."""
     image = transform_image(open_image(data, settings.max_pixels), settings)
     return encode_image(image, settings.format, settings.jpeg_quality)
 

@@ -2,7 +2,7 @@
 
 Run it with ``llava-ray prepare --config FILE [key=value ...]`` or as a Ray job
 (``jobs/prepare.py``); training reads the result with :func:`read_prepared`, or streams the
-same pipeline without shards through :func:`build_prepared_dataset`.
+same pipeline without shards (:func:`build_prepare_pipeline`).
 
 How it runs, in one streaming pass over the images:
 
@@ -24,7 +24,7 @@ How it runs, in one streaming pass over the images:
 from __future__ import annotations
 
 import json
-import os
+import logging
 import posixpath
 import time
 from dataclasses import dataclass
@@ -62,12 +62,13 @@ from llava_ray.data.sources import (
 )
 from llava_ray.utils.storage import filesystem, is_remote
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "PREPARED_SCHEMA",
     "REPORT_FILE",
     "PreparePipeline",
     "build_prepare_pipeline",
-    "build_prepared_dataset",
     "decode_prepared_row",
     "load_report",
     "read_prepared",
@@ -106,7 +107,6 @@ class PrepareWorker:
         Image.MAX_IMAGE_PIXELS = None
         self.preparer = SamplePreparer(settings, sources, tokenizer)
         self.report = report
-        self._key = ray.get_runtime_context().get_actor_id() or str(os.getpid())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         items = [WorkItem(**row) for row in batch.to_pylist()]
@@ -123,8 +123,7 @@ class PrepareWorker:
                 keys.extend(row_keys(item.row, item.copies))
         # Wait for the report to take the records before the rows leave: once the dataset has
         # finished, every record is counted.
-        cpu = (self._key, time.process_time())  # this process's CPU so far: start-up included
-        ray.get(self.report.add.remote(skips, written, cpu))
+        ray.get(self.report.add.remote(skips, written))
         return samples_to_table(rows, keys)
 
 
@@ -160,17 +159,12 @@ def build_prepare_pipeline(config: LlavaRayConfig, workers: int | None = None) -
     return _build_pipeline(config, resolve_sources(config.data), workers)
 
 
-def build_prepared_dataset(config: LlavaRayConfig, workers: int | None = None) -> ray.data.Dataset:
-    """The prepared rows as a lazy dataset, streaming into training without writing shards."""
-    return build_prepare_pipeline(config, workers).dataset
-
-
 def run_prepare(config: LlavaRayConfig, workers: int | None = None) -> dict[str, Any]:
     """Write shards and ``report.json`` to ``data.prepared_path``; print a summary; return the report.
 
     ``workers`` caps the actor pool (default: every CPU of the cluster).
     """
-    started, started_cpu = time.perf_counter(), time.process_time()
+    started = time.perf_counter()
     output = config.data.prepared_path
     if output is None:
         raise ConfigError(
@@ -194,15 +188,13 @@ def run_prepare(config: LlavaRayConfig, workers: int | None = None) -> dict[str,
         ray_remote_args={"num_cpus": 0},
     )
     shards, rows = count_shard_rows(fs, path)
-    driver_cpu_s = round(time.process_time() - started_cpu, 3)
-    extra = {"prepared_path": output, "shards": shards, "driver_cpu_s": driver_cpu_s}
-    report = pipeline.finish(time.perf_counter() - started, extra)
+    report = pipeline.finish(time.perf_counter() - started, {"prepared_path": output, "shards": shards})
     if rows != report["written"]:
         raise RuntimeError(
             f"the shards at {output} hold {rows} rows but the report counts {report['written']}"
         )
     fs.pipe_file(posixpath.join(path, REPORT_FILE), (json.dumps(report, indent=1) + "\n").encode())
-    print(f"{format_summary(report)} -> {output}", flush=True)
+    logger.info(f"{format_summary(report)} -> {output}")
     return report
 
 
@@ -232,12 +224,16 @@ def _build_pipeline(config: LlavaRayConfig, sources: list[Source], workers: int 
 
 
 def read_prepared(uri: str) -> ray.data.Dataset:
-    """The shards a finished ``prepare`` wrote at ``uri`` (local folder or ``s3://`` prefix)."""
+    """The rows a finished ``prepare`` wrote at ``uri`` (local folder or ``s3://`` prefix), lazily.
+
+    The one reader of prepared data, for training and tests alike. It refuses a folder without
+    ``report.json`` (an unfinished run) and reads only the parquet shards beside it.
+    """
     fs, path = filesystem(uri)
     report = load_report(uri)
     if report["written"] == 0:
         return ray.data.from_arrow(PREPARED_SCHEMA.empty_table())
-    return ray.data.read_parquet(path, filesystem=fs)
+    return ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"])
 
 
 def load_report(uri: str) -> dict[str, Any]:

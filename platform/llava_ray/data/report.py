@@ -14,26 +14,24 @@ with what the source scan expected and refuses to return a report that does not 
     written           rows in the shards
     skipped           {reason: count}
     examples          {reason: [up to 5 sample ids, or "file:line" / "file[index]" locators]}
+                      (skipped and examples: :class:`llava_ray.utils.skips.SkipCounter`)
     length_histogram  {"lo-hi": count} of written lengths (text + image positions), power-of-two buckets
     sources           {name: {records, sampled_out, input, written, skipped: {reason: count}}}
     records           records read from the source files
     sampled_out       records a weight below 1 left out of this mix (not inspected)
-    worker_cpu_s      CPU seconds the prepare workers' processes used (start-up included)
-    steady_state      throughput with each worker's first batch (start-up) left out: samples,
-                      seconds, samples_per_s by the wall clock; cpu_samples over worker_cpu_s
-    template, elapsed_s, samples_per_s, and the settings the shards were made with
+    template, elapsed_s, samples_per_s (input over elapsed_s), and the settings the shards were made with
 """
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import ray
 
-MAX_EXAMPLES = 5
+from llava_ray.utils.skips import SkipCounter
+
 _SMALLEST_BUCKET = 64
 
 
@@ -63,34 +61,18 @@ class ReportImbalanceError(RuntimeError):
 class ReportBuilder:
     """Aggregates skip and written records; idempotent per row."""
 
-    def __init__(self, source_names: Sequence[str], max_examples: int = MAX_EXAMPLES):
+    def __init__(self, source_names: Sequence[str]):
         self._names = list(source_names)
-        self._max_examples = max_examples
         self._seen_rows: set[int] = set()
-        self._skipped: list[Counter[str]] = [Counter() for _ in self._names]
+        self._skips = [SkipCounter() for _ in self._names]
         self._written = [0] * len(self._names)
-        self._examples: dict[str, list[str]] = {}
         self._lengths: Counter[int] = Counter()
-        self._worker_cpu: dict[str, float] = {}
-        self._calls: list[tuple[float, str, int, float]] = []  # (time here, worker, samples, its CPU)
 
-    def add(
-        self,
-        skips: Iterable[Skip] = (),
-        written: Iterable[Written] = (),
-        worker_cpu: tuple[str, float] | None = None,
-    ) -> None:
-        """Count records once per row; ``worker_cpu`` is (worker key, CPU seconds its process used so far)."""
-        skips, written = list(skips), list(written)
-        if worker_cpu is not None:
-            self._worker_cpu[worker_cpu[0]] = worker_cpu[1]
-            self._calls.append((time.monotonic(), worker_cpu[0], len(skips) + len(written), worker_cpu[1]))
+    def add(self, skips: Iterable[Skip] = (), written: Iterable[Written] = ()) -> None:
+        """Count records once per row (a retried task sends its records again)."""
         for skip in skips:
             if self._first_time(skip.row):
-                self._skipped[skip.source][skip.reason] += skip.count
-                examples = self._examples.setdefault(skip.reason, [])
-                if len(examples) < self._max_examples:
-                    examples.append(skip.example)
+                self._skips[skip.source].add(skip.reason, skip.example, skip.count)
         for record in written:
             if self._first_time(record.row):
                 self._written[record.source] += record.copies
@@ -104,48 +86,17 @@ class ReportBuilder:
 
     def counts(self) -> dict[str, Any]:
         """Written and skipped counts, overall and per source, with examples and the length histogram."""
-        skipped: Counter[str] = Counter()
-        for per_source in self._skipped:
-            skipped.update(per_source)
+        skips = SkipCounter()
+        for per_source in self._skips:
+            skips.merge(per_source)
         return {
             "written": sum(self._written),
-            "skipped": dict(skipped.most_common()),
-            "examples": {reason: list(self._examples[reason]) for reason in skipped},
+            **skips.to_dict(),
             "length_histogram": length_histogram(self._lengths),
-            "worker_cpu_s": round(sum(self._worker_cpu.values()), 3),
-            "steady_state": self.steady_state(),
             "sources": {
-                name: {"written": self._written[index], "skipped": dict(self._skipped[index].most_common())}
+                name: {"written": self._written[index], "skipped": self._skips[index].counts}
                 for index, name in enumerate(self._names)
             },
-        }
-
-    def steady_state(self) -> dict[str, float] | None:
-        """Throughput once every worker has started, each worker's first batch (process start-up,
-        imports, first-touch costs) left out: by the wall clock, the samples of the batches finished
-        after the last worker's first one over the time to the end; by CPU time, each worker's samples
-        after its first batch over the CPU it used for them. None when too few batches ran."""
-        calls = sorted(self._calls)
-        first: dict[str, tuple[float, float]] = {}
-        cpu_samples, cpu_seconds = 0, 0.0
-        for at, worker, count, worker_cpu in calls:
-            if worker in first:
-                cpu_samples += count
-            else:
-                first[worker] = (at, worker_cpu)
-        for worker, (_, cpu_at_first) in first.items():
-            cpu_seconds += max(cpu for _, name, _, cpu in calls if name == worker) - cpu_at_first
-        started = max(at for at, _ in first.values()) if first else 0.0
-        samples = sum(count for at, _, count, _ in calls if at > started)
-        seconds = calls[-1][0] - started if calls else 0.0
-        if not samples or seconds <= 0 or cpu_seconds <= 0:
-            return None
-        return {
-            "samples": samples,
-            "seconds": round(seconds, 3),
-            "samples_per_s": round(samples / seconds, 2),
-            "cpu_samples": cpu_samples,
-            "worker_cpu_s": round(cpu_seconds, 3),
         }
 
 
@@ -200,8 +151,6 @@ def finish_report(
         **settings,
         "elapsed_s": round(elapsed_s, 3),
         "samples_per_s": round(total_input / elapsed_s, 2) if elapsed_s > 0 else 0.0,
-        "worker_cpu_s": counts["worker_cpu_s"],
-        "steady_state": counts.get("steady_state"),
     }
     check_balance(report)
     return report

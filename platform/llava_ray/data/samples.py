@@ -1,15 +1,16 @@
 """One LLaVA sample -> one training row: checks, tokens and labels, processed images. No Ray here.
 
 :class:`SamplePreparer` is what each Ray Data worker runs and what tests call in-process, so the
-pipeline and a direct call cannot disagree. Per sample, in order (the first failure is the skip
-reason; cheap text checks run before any image is fetched):
+pipeline and a direct call cannot disagree. Per sample, in order (the first
+:class:`~llava_ray.utils.skips.Skipped` raised gives the skip reason; cheap text checks run before
+any image is fetched):
 
 1. the record's fields (:func:`llava_ray.data.sources.parse_record`);
 2. ``<image>`` placeholders: as many as the sample has images (``image_count_mismatch``), none in a
    text-only sample (``image_token_in_text_only``);
 3. rendering and tokenising with :func:`llava_ray.conversation.templates.tokenize_conversation`, whose
-   ``TemplateError.reason`` is the skip reason (``roles_not_alternating``, ``empty_turn``,
-   ``no_supervised_tokens``, ``truncated_inside_image``, ...); the rendered images must match the
+   skip reasons pass through (``roles_not_alternating``, ``empty_turn``, ``no_supervised_tokens``,
+   ``truncated_inside_image``, ...); the rendered images must match the
    sample's (``template_image_mismatch``) and survive truncation (``image_truncated_away``);
 4. image paths stay inside the image root (``image_path_outside_root``);
 5. image files, fetched for a whole batch at once (concurrently from object stores):
@@ -38,12 +39,14 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from llava_ray.config.loader import ConfigError
+from llava_ray.config.model_sources import build_vision_config, image_positions
 from llava_ray.config.schema import LlavaRayConfig, ModelConfig
-from llava_ray.conversation.templates import TemplateError, tokenize_conversation
-from llava_ray.conversation.tokenizer import IMAGE_TOKEN
-from llava_ray.data.images import ImageError, ImageSettings, decode_stored_image, process_image
+from llava_ray.conversation.templates import tokenize_conversation
+from llava_ray.conversation.tokenizer import IMAGE_TOKEN, image_token_id, load_tokenizer
+from llava_ray.data.images import ImageSettings, decode_stored_image, process_image
 from llava_ray.data.report import Skip
-from llava_ray.data.sources import RecordError, SampleRecord, Source, WorkItem, parse_record, resolve_sources
+from llava_ray.data.sources import SampleRecord, Source, WorkItem, parse_record, resolve_sources
+from llava_ray.utils.skips import Skipped
 from llava_ray.utils.storage import filesystem, is_remote
 
 PREPARED_SCHEMA = pa.schema(
@@ -79,11 +82,6 @@ class PrepareSettings:
 
     @classmethod
     def from_config(cls, config: LlavaRayConfig, tokenizer: PreTrainedTokenizerBase) -> PrepareSettings:
-        # Imported here: presets pulls in torch and the model classes (seconds per process), which
-        # the workers that import this module never need.
-        from llava_ray.config.model_sources import build_vision_config, image_positions
-        from llava_ray.conversation.tokenizer import image_token_id
-
         vision = build_vision_config(config.model)
         data = config.data
         return cls(
@@ -119,14 +117,6 @@ class PreparedSample:
         return len(self.input_ids)
 
 
-class SampleSkipped(ValueError):
-    """Raised inside the preparer; ``reason`` is the skip reason."""
-
-    def __init__(self, reason: str, message: str = ""):
-        super().__init__(message or reason)
-        self.reason = reason
-
-
 @dataclass
 class _Pending:
     """A sample whose text is done and whose images are still to fetch and process."""
@@ -160,17 +150,11 @@ class SamplePreparer:
         for index, item in enumerate(items):
             try:
                 pending.append((index, self._prepare_text(item)))
-            except (RecordError, TemplateError, SampleSkipped) as error:
+            except Skipped as error:
                 outcomes[index] = _skip(item, error.reason)
         for index, outcome in self._prepare_images(pending):
             outcomes[index] = outcome
         return [outcome for outcome in outcomes if outcome is not None]
-
-    def prepare_record(self, record: Any, source: int = 0, copies: int = 1) -> PreparedSample | Skip:
-        """Prepare one parsed LLaVA record (a dict), as the pipeline would."""
-        sample_id = str(record.get("id", "")) if isinstance(record, dict) else ""
-        item = WorkItem(0, source, sample_id, "<in-process>", json.dumps(record, ensure_ascii=False), copies)
-        return self.prepare([item])[0]
 
     def _prepare_text(self, item: WorkItem) -> _Pending:
         record = parse_record(json.loads(item.sample))
@@ -199,11 +183,9 @@ class SamplePreparer:
         """The template kept every image, and truncation left each one whole."""
         if rendered != images:
             # LLaVA's templates keep one <image> per sample, at the start of the first turn.
-            raise SampleSkipped(
-                "template_image_mismatch", f"the template rendered {rendered} of {images} image(s)"
-            )
+            raise Skipped("template_image_mismatch", f"the template rendered {rendered} of {images} image(s)")
         if input_ids.count(self.settings.image_token_id) != images * self.settings.image_positions:
-            raise SampleSkipped("image_truncated_away", "model_max_length cut an image out of the sequence")
+            raise Skipped("image_truncated_away", "model_max_length cut an image out of the sequence")
 
     def _prepare_images(self, pending: list[tuple[int, _Pending]]) -> list[tuple[int, PreparedSample | Skip]]:
         fetched = self._fetch_all(pending)
@@ -213,7 +195,7 @@ class SamplePreparer:
                 entry.sample.images = [
                     self._process(fetched[(entry.item.source, path)]) for path in entry.paths
                 ]
-            except SampleSkipped as error:
+            except Skipped as error:
                 results.append((index, _skip(entry.item, error.reason)))
                 continue
             results.append((index, entry.sample))
@@ -235,11 +217,8 @@ class SamplePreparer:
 
     def _process(self, data: bytes | Exception) -> bytes:
         if isinstance(data, Exception):
-            raise SampleSkipped(_fetch_error_reason(data), str(data))
-        try:
-            return process_image(data, self.settings.image)
-        except ImageError as error:
-            raise SampleSkipped(error.reason, str(error)) from None
+            raise Skipped(_fetch_error_reason(data), str(data))
+        return process_image(data, self.settings.image)
 
 
 def load_checked_tokenizer(config: LlavaRayConfig) -> PreTrainedTokenizerBase:
@@ -248,7 +227,6 @@ def load_checked_tokenizer(config: LlavaRayConfig) -> PreTrainedTokenizerBase:
     A template that cannot work with this tokenizer (``tokenizer`` without generation markers)
     would fail every sample; it raises :class:`ConfigError` here instead, before any work.
     """
-    from llava_ray.conversation.tokenizer import load_tokenizer
 
     template = config.data.template
     try:
@@ -279,11 +257,9 @@ def count_placeholders(conversations: Sequence[Any]) -> int:
 def check_placeholders(record: SampleRecord) -> None:
     placeholders = count_placeholders(record.conversations)
     if not record.images and placeholders:
-        raise SampleSkipped(
-            "image_token_in_text_only", f"{placeholders} <image> in a sample without an image"
-        )
+        raise Skipped("image_token_in_text_only", f"{placeholders} <image> in a sample without an image")
     if record.images and placeholders != len(record.images):
-        raise SampleSkipped(
+        raise Skipped(
             "image_count_mismatch", f"{placeholders} <image> placeholder(s) for {len(record.images)} image(s)"
         )
 
@@ -291,10 +267,10 @@ def check_placeholders(record: SampleRecord) -> None:
 def resolve_image_path(root: str, relative: str) -> str:
     """``root``/``relative``; a path that is absolute or climbs out of ``root`` is skipped."""
     if relative.startswith(("/", "\\")) or "://" in relative or _DRIVE_LETTER.match(relative):
-        raise SampleSkipped("image_path_outside_root", f"absolute image path {relative!r}")
+        raise Skipped("image_path_outside_root", f"absolute image path {relative!r}")
     normalized = posixpath.normpath(relative.replace("\\", "/"))
     if normalized == ".." or normalized.startswith("../"):
-        raise SampleSkipped("image_path_outside_root", f"image path {relative!r} leaves the image root")
+        raise Skipped("image_path_outside_root", f"image path {relative!r} leaves the image root")
     return posixpath.join(root, normalized)
 
 

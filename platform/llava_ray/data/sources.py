@@ -44,6 +44,7 @@ import fsspec
 from llava_ray.config.loader import ConfigError
 from llava_ray.config.schema import DataConfig, DataSource
 from llava_ray.data.report import Skip
+from llava_ray.utils.skips import Skipped
 from llava_ray.utils.storage import filesystem, is_remote
 
 SourceFormat = Literal["array", "lines"]
@@ -54,14 +55,6 @@ _READ_CHARS = 1 << 20
 
 class DataPathError(ConfigError):
     """A source, image root or output location that cannot be used; raised before any work."""
-
-
-class RecordError(ValueError):
-    """A record that is not a usable sample; ``reason`` is the skip reason counted in reports."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -411,19 +404,19 @@ class _JsonArrayReader:
 
 
 def parse_record(value: Any) -> SampleRecord:
-    """The record's id, conversations and image paths; raise :class:`RecordError` with a reason."""
+    """The record's id, conversations and image paths; raise :class:`Skipped` with a skip reason."""
     if not isinstance(value, dict):
-        raise RecordError("invalid_record", f"a sample must be a JSON object, not {type(value).__name__}")
+        raise Skipped("invalid_record", f"a sample must be a JSON object, not {type(value).__name__}")
     if "id" not in value:
-        raise RecordError("missing_id", "the sample has no 'id'")
+        raise Skipped("missing_id", "the sample has no 'id'")
     sample_id = value["id"]
     if isinstance(sample_id, bool) or not isinstance(sample_id, str | int) or str(sample_id).strip() == "":
-        raise RecordError("invalid_id", f"'id' must be a non-empty string or an integer, not {sample_id!r}")
+        raise Skipped("invalid_id", f"'id' must be a non-empty string or an integer, not {sample_id!r}")
     if "conversations" not in value:
-        raise RecordError("missing_conversations", "the sample has no 'conversations'")
+        raise Skipped("missing_conversations", "the sample has no 'conversations'")
     conversations = value["conversations"]
     if not isinstance(conversations, list):
-        raise RecordError("invalid_conversations", "'conversations' must be a list of turns")
+        raise Skipped("invalid_conversations", "'conversations' must be a list of turns")
     return SampleRecord(str(sample_id), conversations, _image_paths(value.get("image")))
 
 
@@ -432,7 +425,7 @@ def _image_paths(image: Any) -> list[str]:
         return []
     paths = image if isinstance(image, list) else [image]
     if not paths or not all(isinstance(path, str) and path.strip() for path in paths):
-        raise RecordError("invalid_image_field", "'image' must be a path or a non-empty list of paths")
+        raise Skipped("invalid_image_field", "'image' must be a path or a non-empty list of paths")
     return list(paths)
 
 
@@ -483,7 +476,7 @@ class SourceScanner:
             return Skip(row, source.index, raw.error, raw.locator)
         try:
             record = parse_record(raw.value)
-        except RecordError as error:
+        except Skipped as error:
             return Skip(row, source.index, error.reason, raw.locator)
         if record.id in self._owners:
             return Skip(row, source.index, "duplicate_id", raw.locator)

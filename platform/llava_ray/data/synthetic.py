@@ -34,6 +34,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from llava_ray.conversation.templates import template_fixed_texts
+
 IMAGE_PLACEHOLDER = "<image>"
 # LLaVA-1.5 appends this to its short-answer VQA data (VQAv2, GQA), so the same prompt works here.
 SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
@@ -487,7 +489,4 @@ def _coco_annotations(scenes: list[Scene]) -> tuple[dict[str, Any], dict[str, An
 
 def tiny_corpus() -> list[str]:
     """The texts the tiny tokenizer is trained on: the synthetic data and the templates' fixed text."""
-    from llava_ray.conversation.templates import template_fixed_texts
-    from llava_ray.data.synthetic import corpus_texts
-
     return [*corpus_texts(), *template_fixed_texts()]

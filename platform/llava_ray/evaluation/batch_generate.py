@@ -19,18 +19,24 @@ Prompts are rendered with the template stored with the model, and answers stop a
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 
-from llava_ray.conversation.templates import TemplateError
 from llava_ray.conversation.tokenizer import IMAGE_TOKEN
-from llava_ray.data.images import Aspect, ImageError
+from llava_ray.data.images import Aspect
 from llava_ray.evaluation.items import EvalItem, Outcome
+from llava_ray.evaluation.loaded_model import load_inference_model, load_pixels
+from llava_ray.model.generate import generate
+from llava_ray.utils.logging import ensure_logging
+from llava_ray.utils.skips import Skipped
+
+logger = logging.getLogger(__name__)
 
 OUTPUT_SCHEMA = pa.schema(
     [("id", pa.string()), ("prediction", pa.string()), ("error", pa.string()), ("detail", pa.string())]
@@ -61,8 +67,6 @@ class Predictor:
     def __init__(self, settings: GenerationSettings):
         import torch
 
-        from llava_ray.evaluation.loaded_model import load_inference_model
-
         device = "cuda" if settings.use_gpu and torch.cuda.is_available() else "cpu"
         self.settings = settings
         self.loaded = load_inference_model(settings.model, settings.template, device)
@@ -72,15 +76,13 @@ class Predictor:
 
     def predict_rows(self, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         """One output row per input row, in order; rows that cannot be asked carry an error."""
-        from llava_ray.model.generate import generate
-
         results: dict[str, dict[str, Any]] = {}
         prompts, prompt_ids = [], []
         for row in rows:
             try:
                 prompts.append(self._prompt(json.loads(row["conversation"]), row["image"] or None))
                 prompt_ids.append(row["id"])
-            except (ImageError, TemplateError) as error:
+            except Skipped as error:
                 results[row["id"]] = _row(row["id"], None, error.reason, str(error))
         settings = self.settings
         answers = generate(
@@ -102,18 +104,16 @@ class Predictor:
         self, conversation: list[dict[str, Any]], image: str | None
     ) -> tuple[list[dict[str, Any]], Any]:
         """``(conversation, pixels or None)`` for generate, or a counted error."""
-        from llava_ray.evaluation.loaded_model import load_pixels
-
         placeholders = sum(str(turn.get("value", "")).count(IMAGE_TOKEN) for turn in conversation)
         if placeholders != (1 if image else 0):
-            raise TemplateError(
+            raise Skipped(
                 "image_placeholder_mismatch",
                 f"the prompt has {placeholders} <image> placeholder(s) but {'one image' if image else 'no image'}",
             )
         length = self.loaded.prompt_length(conversation)
         limit = self.loaded.max_positions
         if limit is not None and length + self.settings.max_new_tokens > limit:
-            raise TemplateError(
+            raise Skipped(
                 "prompt_too_long",
                 f"{length} prompt positions + {self.settings.max_new_tokens} new tokens > the model's {limit}",
             )
@@ -144,7 +144,6 @@ def predict(
     num_cpus_per_actor: float = 1,
     num_gpus_per_actor: float = 0,
     predictor: Predictor | None = None,
-    progress: Callable[[str], None] = print,
 ) -> dict[str, Outcome]:
     """Every item's :class:`Outcome` by id (see the module docstring).
 
@@ -157,7 +156,8 @@ def predict(
     rows = item_rows(items)
     if not rows:
         return {}
-    meter = _Progress(len(rows), progress)
+    ensure_logging()
+    meter = _Progress(len(rows))
     outputs: list[dict[str, Any]] = []
     if num_actors == 0:
         predictor = predictor or Predictor(settings)
@@ -207,11 +207,10 @@ def _predict_on_actors(
 
 
 class _Progress:
-    """A line at most every PROGRESS_EVERY_S seconds, and one at the end."""
+    """A log line at most every PROGRESS_EVERY_S seconds, and one at the end."""
 
-    def __init__(self, total: int, emit: Callable[[str], None]):
+    def __init__(self, total: int):
         self.total = total
-        self.emit = emit
         self.started = time.monotonic()
         self.last = self.started
 
@@ -220,4 +219,4 @@ class _Progress:
         if done == self.total or now - self.last >= PROGRESS_EVERY_S:
             self.last = now
             rate = done / max(now - self.started, 1e-9)
-            self.emit(f"[evaluate] answered {done}/{self.total} ({rate:.2f} items/s)")
+            logger.info(f"[evaluate] answered {done}/{self.total} ({rate:.2f} items/s)")

@@ -28,11 +28,12 @@ import torch
 from transformers import PreTrainedTokenizerBase
 from transformers.generation.streamers import BaseStreamer
 
-from llava_ray.conversation.templates import TemplateError, get_template, normalize_turns
+from llava_ray.conversation.templates import get_template, normalize_turns
 from llava_ray.conversation.tokenizer import IMAGE_TOKEN
-from llava_ray.data.images import Aspect, ImageError
+from llava_ray.data.images import Aspect
 from llava_ray.evaluation.loaded_model import InferenceModel, load_inference_model, load_pixels
 from llava_ray.model.generate import end_markers, generate
+from llava_ray.utils.skips import Skipped
 
 PROMPT = "USER> "
 ANSWER_PREFIX = "ASSISTANT> "
@@ -126,7 +127,7 @@ class ChatSession:
         self.pending_image: torch.Tensor | None = None
 
     def attach_image(self, path: str) -> None:
-        """The image goes with the next message; raises ImageError when it cannot be used."""
+        """The image goes with the next message; raises Skipped when it cannot be used."""
         self.pending_image = load_pixels(path, self.loaded.image_size, self.image_aspect)
 
     def reset(self) -> None:
@@ -135,14 +136,14 @@ class ChatSession:
     def ask(self, text: str, write: Callable[[str], None]) -> str:
         """Answer ``text`` given the history, streaming through ``write``; the turn joins the history.
 
-        Raises TemplateError (``prompt_too_long``) when the conversation no longer fits the model.
+        Raises Skipped (``prompt_too_long``) when the conversation no longer fits the model.
         """
         value = f"{IMAGE_TOKEN}\n{text}" if self.pending_image is not None else text
         conversation = [*self.turns, {"from": "human", "value": value}]
         images = [*self.images, *([self.pending_image] if self.pending_image is not None else [])]
         length, limit = self.loaded.prompt_length(conversation), self.loaded.max_positions
         if limit is not None and length + self.max_new_tokens > limit:
-            raise TemplateError(
+            raise Skipped(
                 "prompt_too_long",
                 f"the conversation takes {length} positions + {self.max_new_tokens} for the answer, over the "
                 f"model's {limit}; /reset to start over",
@@ -232,7 +233,7 @@ def run_chat(
             write(ANSWER_PREFIX)
             try:
                 session.ask(text, write)
-            except TemplateError as error:
+            except Skipped as error:
                 write(f"[{error}]")
             write("\n")
     return session
@@ -244,7 +245,7 @@ def _attach(session: ChatSession, path: str, write: Callable[[str], None]) -> No
         return
     try:
         session.attach_image(path)
-    except ImageError as error:
+    except Skipped as error:
         write(f"[cannot use image {path}: {error.reason}: {error}]\n")
         return
     write(f"[image attached to your next message: {path}]\n")

@@ -20,14 +20,13 @@ reported by :func:`skip_report`, never dropped silently, and excluded from accur
 from __future__ import annotations
 
 import json
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from llava_ray.conversation.tokenizer import IMAGE_TOKEN
-from llava_ray.data.report import MAX_EXAMPLES
+from llava_ray.utils.skips import SkipCounter
 from llava_ray.utils.storage import is_remote, local_copy
 
 ITEM_KEYS = ("id", "image", "conversations")
@@ -135,22 +134,13 @@ def load_eval_items(
 
 
 def skip_report(items: Sequence[EvalItem], outcomes: Mapping[str, Outcome]) -> dict[str, Any]:
-    """``{"items", "answered", "skipped": {reason: n}, "skip_examples": {reason: [id: detail]}}``."""
-    skipped: Counter[str] = Counter()
-    examples: dict[str, list[str]] = {}
+    """``{"items", "answered", "skipped": {reason: n}, "examples": {reason: ["id: detail", ...]}}``."""
+    skips = SkipCounter()
     for item in items:
         outcome = outcomes[item.id]
         if outcome.error:
-            skipped[outcome.error] += 1
-            shown = examples.setdefault(outcome.error, [])
-            if len(shown) < MAX_EXAMPLES:
-                shown.append(f"{item.id}: {outcome.detail}")
-    return {
-        "items": len(items),
-        "answered": len(items) - sum(skipped.values()),
-        "skipped": dict(skipped),
-        "skip_examples": examples,
-    }
+            skips.add(outcome.error, f"{item.id}: {outcome.detail}")
+    return {"items": len(items), "answered": len(items) - skips.total, **skips.to_dict()}
 
 
 def base_row(item: EvalItem, outcome: Outcome) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import shutil
 import time
@@ -40,7 +41,10 @@ from llava_ray.evaluation import judge, scienceqa, synthetic
 from llava_ray.evaluation.batch_generate import GenerationSettings, predict
 from llava_ray.evaluation.items import EvalItem, skip_report
 from llava_ray.evaluation.loaded_model import model_dir_problem
+from llava_ray.tracking.mlflow_tracking import tracked_run
 from llava_ray.utils.storage import CACHE_DIR, filesystem, is_remote
+
+logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -100,7 +104,6 @@ def run_evaluate(
     seed = eval_config.seed if eval_config.seed is not None else root_config.run.seed if root_config else 0
     if root_config is None:
         return _evaluate(eval_config, seed)[0]
-    from llava_ray.tracking.mlflow_tracking import tracked_run
 
     tags = {"llava_ray.benchmark": eval_config.benchmark, "llava_ray.eval_model": str(eval_config.model)}
     with tracked_run(root_config, "evaluate", parent_run_id, extra_tags=tags) as tracker:
@@ -170,7 +173,7 @@ def _evaluate(config: EvaluateConfig, seed: int) -> tuple[dict[str, Any], list[P
             "elapsed_s": round(time.perf_counter() - started, 3),
         }
         files = write_results(out_dir, rows, summary)
-    print(f"[evaluate] {config.benchmark}: {headline(summary)}; results in {config.output_dir}")
+    logger.info(f"[evaluate] {config.benchmark}: {headline(summary)}; results in {config.output_dir}")
     return summary, files
 
 

@@ -9,7 +9,7 @@ Shared by the evaluation runner (one :class:`InferenceModel` per Ray actor) and 
   else the tokenizer's own chat template.
 - :func:`load_pixels` turns an image file into a ``(3, S, S)`` tensor exactly as ``prepare``
   does for training (decode, RGB, pad to a square in CLIP's mean colour, bicubic resize, CLIP
-  normalisation), raising :class:`~llava_ray.data.images.ImageError` with a counted reason
+  normalisation), raising :class:`~llava_ray.utils.skips.Skipped` with a counted reason
   (``image_missing``, ``corrupt_image``, ...) when it cannot.
 """
 
@@ -29,7 +29,6 @@ from llava_ray.conversation.templates import TEMPLATES
 from llava_ray.conversation.tokenizer import ensure_special_tokens
 from llava_ray.data.images import (
     Aspect,
-    ImageError,
     ImageSettings,
     normalize_image,
     open_image,
@@ -40,6 +39,7 @@ from llava_ray.model.export import is_hf_llava_dir
 from llava_ray.model.generate import prompt_input_ids
 from llava_ray.model.llava import LlavaModel
 from llava_ray.model.weights import CONFIG_FILE
+from llava_ray.utils.skips import Skipped
 from llava_ray.utils.storage import local_copy
 
 
@@ -125,7 +125,7 @@ def read_image(location: str) -> bytes:
         with fsspec.open(location, "rb") as handle:
             return handle.read()
     except FileNotFoundError:
-        raise ImageError("image_missing", f"no image file at {location}") from None
+        raise Skipped("image_missing", f"no image file at {location}") from None
 
 
 def load_pixels(location: str, image_size: int, aspect: Aspect = "pad") -> torch.Tensor:

@@ -32,6 +32,7 @@ evaluate.data_path=scienceqa_test.json evaluate.image_root=ScienceQA/images`` af
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -39,9 +40,11 @@ from pathlib import Path
 from typing import Any
 
 from llava_ray.conversation.tokenizer import IMAGE_TOKEN
-from llava_ray.data.report import MAX_EXAMPLES
 from llava_ray.evaluation.items import EvalItem, Outcome, accuracy, base_row, load_eval_items
+from llava_ray.utils.skips import SkipCounter
 from llava_ray.utils.storage import filesystem, local_copy
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["convert_scienceqa", "extract_choice", "load_items", "scienceqa_prompt", "score"]
 
@@ -85,7 +88,7 @@ def convert_scienceqa(
             "use the problems.json of the same release"
         )
     present = _image_files(image_root)
-    items, skipped = [], []
+    items, skips = [], SkipCounter()
     for pid in splits[split]:
         problem = problems[pid]
         image = None
@@ -93,7 +96,7 @@ def convert_scienceqa(
             # The problem's own split names its image folder ("minitest" problems live under test/).
             image = f"{problem.get('split', split)}/{pid}/{problem['image']}"
             if image not in present:
-                skipped.append(f"{pid}: no {image} under {image_root}")
+                skips.add("image_missing", f"{pid}: no {image} under {image_root}")
                 continue
         answer = problem["answer"]
         item: dict[str, Any] = {"id": str(pid)}
@@ -117,12 +120,12 @@ def convert_scienceqa(
         "split": split,
         "input": len(splits[split]),
         "written": len(items),
-        "skipped": {"image_missing": len(skipped)} if skipped else {},
-        "examples": {"image_missing": skipped[:MAX_EXAMPLES]} if skipped else {},
+        **skips.to_dict(),
     }
     out.with_name(f"{out.stem}.report.json").write_text(json.dumps(report, indent=1) + "\n")
-    if skipped:
-        print(f"[scienceqa] skipped {len(skipped)} problem(s) whose image is missing, e.g. {skipped[0]}")
+    if skips.total:
+        example = skips.examples["image_missing"][0]
+        logger.warning(f"[scienceqa] skipped {skips.total} problem(s) whose image is missing, e.g. {example}")
     return out
 
 

@@ -37,11 +37,11 @@ Run it with ``llava-ray generate-data --config FILE [generate.key=value ...]`` o
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import posixpath
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,14 +50,17 @@ import ray
 
 from llava_ray.config.generation import GenerateConfig
 from llava_ray.config.loader import ConfigError
-from llava_ray.data.report import MAX_EXAMPLES, check_balance
+from llava_ray.data.report import check_balance
 from llava_ray.endpoints.client import ClientSettings
 from llava_ray.endpoints.journal import JOURNAL_SUFFIX, Journal
 from llava_ray.generation.context import AnnotationError, ImageAnnotations, build_context, load_coco
-from llava_ray.generation.parse import ReplyRejected, detail_instruction, llava_sample, parse_reply
+from llava_ray.generation.parse import detail_instruction, llava_sample, parse_reply
 from llava_ray.generation.prompting import USES_BOXES, PromptError, PromptSet, build_messages, load_prompts
 from llava_ray.generation.workers import ENDPOINT_REFUSED, EndpointWorker, LocalModelWorker
+from llava_ray.utils.skips import SkipCounter, Skipped
 from llava_ray.utils.storage import filesystem, is_remote
+
+logger = logging.getLogger(__name__)
 
 REPORT_FILE = "report.json"
 HF_BATCH_SIZE = 8
@@ -140,7 +143,7 @@ def run_generate(config: GenerateConfig, seed: int = 0) -> dict[str, Any]:
     check_balance(report, parts="by_type", job="generate", unit="requests")
     _write_json_atomically(output, samples)
     _write_json_atomically(output.parent / REPORT_FILE, report)
-    print(f"{format_generate_summary(report)} -> {output}", flush=True)
+    logger.info(f"{format_generate_summary(report)} -> {output}")
     return report
 
 
@@ -328,19 +331,17 @@ def _assemble(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The output samples in pair order, and the report's counts."""
     types = list(dict.fromkeys(pair.response_type for pair in pairs))
-    by_type = {t: {"input": 0, "written": 0, "skipped": Counter()} for t in types}
-    examples: dict[str, list[str]] = {}
+    inputs = dict.fromkeys(types, 0)
+    written = dict.fromkeys(types, 0)
+    skips = {t: SkipCounter() for t in types}
     samples: list[dict[str, Any]] = []
     first_with: dict[str, str] = {}
 
     def skip(pair: PairRequest, reason: str, detail: str) -> None:
-        by_type[pair.response_type]["skipped"][reason] += 1
-        shown = examples.setdefault(reason, [])
-        if len(shown) < MAX_EXAMPLES:
-            shown.append(f"{pair.sample_id}: {detail}" if detail else pair.sample_id)
+        skips[pair.response_type].add(reason, f"{pair.sample_id}: {detail}" if detail else pair.sample_id)
 
     for pair in pairs:
-        by_type[pair.response_type]["input"] += 1
+        inputs[pair.response_type] += 1
         if pair.sample_id in preflight:
             skip(pair, *preflight[pair.sample_id])
             continue
@@ -352,7 +353,7 @@ def _assemble(
             continue
         try:
             turns = parse_reply(pair.response_type, record.get("reply"), record.get("finish_reason"))
-        except ReplyRejected as rejected:
+        except Skipped as rejected:
             skip(pair, rejected.reason, rejected.detail)
             continue
         content = json.dumps(turns)
@@ -366,19 +367,17 @@ def _assemble(
             else None
         )
         samples.append(llava_sample(pair.sample_id, pair.image_path, turns, instruction))
-        by_type[pair.response_type]["written"] += 1
+        written[pair.response_type] += 1
 
-    skipped: Counter[str] = Counter()
-    for numbers in by_type.values():
-        skipped.update(numbers["skipped"])
+    total = SkipCounter()
+    for per_type in skips.values():
+        total.merge(per_type)
     counts = {
         "input": len(pairs),
         "written": len(samples),
-        "skipped": dict(skipped.most_common()),
-        "examples": {reason: examples[reason] for reason in skipped},
+        **total.to_dict(),
         "by_type": {
-            t: {**numbers, "skipped": dict(numbers["skipped"].most_common())}
-            for t, numbers in by_type.items()
+            t: {"input": inputs[t], "written": written[t], "skipped": skips[t].counts} for t in types
         },
     }
     return samples, counts

@@ -1,4 +1,4 @@
-"""LLM replies -> LLaVA samples, or a rejection with a counted reason.
+"""LLM replies -> LLaVA samples, or a :class:`~llava_ray.utils.skips.Skipped` with a counted reason.
 
 The paper does not publish its parsing rules; these are ours, strict on purpose because a bad
 sample teaches the model something wrong:
@@ -26,6 +26,7 @@ import random
 import re
 
 from llava_ray.conversation.tokenizer import IMAGE_TOKEN
+from llava_ray.utils.skips import Skipped
 
 _MARKER = re.compile(
     r"^\s*(?:[-*>#]+\s+)?(?:\*\*|__)?(question|answer)(?:\s*\d+)?\s*(?:\*\*|__)?\s*:\s*(?:\*\*|__)?\s*(.*)$",
@@ -47,15 +48,6 @@ LEAK_PATTERNS: tuple[re.Pattern[str], ...] = tuple(
 )
 
 
-class ReplyRejected(Exception):
-    """A reply that yields no sample; ``reason`` is counted in the report, ``detail`` shown in examples."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
-
-
 def find_leak(text: str) -> str | None:
     """The first phrase of ``text`` that betrays the symbolic context, or None."""
     for pattern in LEAK_PATTERNS:
@@ -66,7 +58,7 @@ def find_leak(text: str) -> str | None:
 
 
 def parse_qa_pairs(reply: str) -> list[tuple[str, str]]:
-    """``Question:`` / ``Answer:`` blocks -> [(question, answer), ...]; raises ReplyRejected('unparsable')."""
+    """``Question:`` / ``Answer:`` blocks -> [(question, answer), ...]; raises Skipped('unparsable', ...)."""
     turns: list[list[str]] = []  # [role, line, line, ...]
     for line in reply.splitlines():
         match = _MARKER.match(line)
@@ -75,15 +67,15 @@ def parse_qa_pairs(reply: str) -> list[tuple[str, str]]:
         elif turns:
             turns[-1].append(line)
     if not turns:
-        raise ReplyRejected("unparsable", "no Question:/Answer: lines")
+        raise Skipped("unparsable", "no Question:/Answer: lines")
     pairs = []
     for index in range(0, len(turns), 2):
         question, answer = turns[index], turns[index + 1] if index + 1 < len(turns) else None
         if question[0] != "question" or answer is None or answer[0] != "answer":
-            raise ReplyRejected("unparsable", f"turn {index + 1} breaks the Question/Answer alternation")
+            raise Skipped("unparsable", f"turn {index + 1} breaks the Question/Answer alternation")
         texts = ["\n".join(turn[1:]).strip() for turn in (question, answer)]
         if not all(texts):
-            raise ReplyRejected("unparsable", f"empty {'question' if not texts[0] else 'answer'}")
+            raise Skipped("unparsable", f"empty {'question' if not texts[0] else 'answer'}")
         pairs.append((texts[0], texts[1]))
     return pairs
 
@@ -93,23 +85,24 @@ def parse_reply(
 ) -> list[tuple[str, str]]:
     """The (question, answer) pairs of a reply; a detailed description is one pair with no question.
 
-    Raises :class:`ReplyRejected` with the reasons of the module docstring, checked in that order.
+    Raises :class:`~llava_ray.utils.skips.Skipped` with the reasons of the module docstring, checked in
+    that order.
     """
     text = (reply or "").strip()
     if not text:
-        raise ReplyRejected("empty_reply")
+        raise Skipped("empty_reply", "the reply is empty")
     if finish_reason == "length":
-        raise ReplyRejected("truncated", "stopped at max_tokens")
+        raise Skipped("truncated", "stopped at max_tokens")
     leak = find_leak(text)
     if leak is not None:
-        raise ReplyRejected("leaking", repr(leak))
+        raise Skipped("leaking", repr(leak))
     if IMAGE_TOKEN in text:
-        raise ReplyRejected("unparsable", f"contains the {IMAGE_TOKEN} placeholder")
+        raise Skipped("unparsable", f"contains the {IMAGE_TOKEN} placeholder")
     if response_type == "detail":
         return [("", text)]
     pairs = parse_qa_pairs(text)
     if response_type == "complex" and len(pairs) != 1:
-        raise ReplyRejected("unparsable", f"{len(pairs)} questions, expected one")
+        raise Skipped("unparsable", f"{len(pairs)} questions, expected one")
     return pairs
 
 

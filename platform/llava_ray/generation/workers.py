@@ -22,6 +22,7 @@ from typing import Any
 import pyarrow as pa
 
 from llava_ray.endpoints.client import ChatClient, ClientSettings, EndpointError, RequestFailed, TokenBucket
+from llava_ray.utils.storage import local_copy
 
 # The ``error`` of a row whose request the endpoint refused outright (bad key, URL or model): not a
 # skip but a signal for the driver to stop the run, since every other request would fail alike.
@@ -96,8 +97,6 @@ class LocalModelWorker:
         # Imported here: the HTTP backend's actors never load torch or transformers.
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from llava_ray.utils.storage import local_copy
 
         path = local_copy(model_path)
         self.torch = torch

@@ -1,4 +1,9 @@
-"""TODO docstring."""
+"""Building the model a :class:`ModelConfig` describes: preset parts, ``init_from``, a reference projector.
+
+With ``init_from`` (a llava-ray folder or a Hugging Face LLaVA folder) the architecture is the saved
+one and must agree with the config and the tokenizer; ``projector_weights`` loads a reference
+stage-1 ``mm_projector.bin``.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from transformers import (
 
 from llava_ray.config.schema import ModelConfig
 from llava_ray.conversation.tokenizer import IMAGE_TOKEN, image_token_id
+from llava_ray.model.export import is_hf_llava_dir, load_hf_llava
 from llava_ray.model.llava import LlavaModel
 from llava_ray.model.presets import build_language_model, build_vision_tower
 from llava_ray.model.weights import CONFIG_FILE, load_weights, read_weights
@@ -47,9 +53,6 @@ def build_llava_model(
 
 def load_init_from(source: str) -> LlavaModel:
     """A llava-ray folder (``llava_ray_config.json``) or a Hugging Face LLaVA folder, local or remote."""
-    # Imported here: export builds on this module, and only this path needs export's HF mapping.
-    from llava_ray.model.export import is_hf_llava_dir, load_hf_llava
-
     path = Path(local_copy(source))
     if (path / CONFIG_FILE).is_file():
         return LlavaModel.from_pretrained(path)

@@ -26,7 +26,6 @@ from transformers import (
     GenerationConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
-    LlavaImageProcessor,
     LlavaProcessor,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -37,6 +36,7 @@ from llava_ray.conversation.chat_template import chat_template_for
 from llava_ray.conversation.tokenizer import IMAGE_TOKEN
 from llava_ray.model.generate import end_markers
 from llava_ray.model.llava import LlavaModel
+from llava_ray.utils.compat import llava_image_processor_class
 from llava_ray.utils.storage import local_copy
 
 HF_PROJECTOR = "mlp2x_gelu"
@@ -147,7 +147,7 @@ def build_processor(
     vision_config = model.vision_tower.config
     size = vision_config.image_size
     # LLaVA-1.5 pads to a square in the CLIP mean colour before resizing, as `prepare` does by default.
-    image_processor = LlavaImageProcessor(
+    image_processor = llava_image_processor_class()(
         do_pad=True,
         size={"shortest_edge": size},
         crop_size={"height": size, "width": size},
@@ -168,26 +168,6 @@ def build_processor(
         chat_template=chat_template,
         image_token=IMAGE_TOKEN,
     )
-
-
-# ---- chat templates ------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # ---- loading -------------------------------------------------------------------------------------

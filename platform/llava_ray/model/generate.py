@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Batched generation: left-padded prompts rendered exactly as in training, a KV cache, and stops at
+the template's end marker (or EOS), which is cut from the answer."""
 
 from __future__ import annotations
 

@@ -1,18 +1,15 @@
 """The LLaVA model: a vision tower, a projector and a causal LM joined by splicing image features into text.
 
 Every ``<image>`` in a tokenized conversation is already expanded to ``image_positions`` copies of
-the image token id (``templates.tokenize_conversation``); :class:`LlavaModel` embeds the text with
+the image token id (``conversation.templates.tokenize_conversation``); :class:`LlavaModel` embeds the text with
 the LM's own embedding table and overwrites those positions with the projected image features, in
 order. Everything here runs on the plain module, before any DeepSpeed wrapping, so weights load
 with their real shapes (the reference's ZeRO-3 ``size mismatch ... torch.Size([0])`` cannot occur).
 
-- :func:`build_llava_model` builds a model from a :class:`ModelConfig` (preset parts, ``init_from``
-  a llava-ray or Hugging Face LLaVA folder, a reference ``mm_projector.bin``).
-- :meth:`LlavaModel.save_pretrained` / :meth:`LlavaModel.from_pretrained`: llava-ray's own format,
-  rebuilt offline from the folder alone.
-- :func:`set_trainable`, :func:`parameter_groups`, :func:`merge_lora`: what trains in each stage.
-- :func:`generate`: batched, left-padded generation with a KV cache that stops at the template's
-  end marker.
+This module holds the module alone (and its own file format's save/load, in
+:meth:`LlavaModel.save_pretrained` / :meth:`LlavaModel.from_pretrained`). Its neighbours: :mod:`.build`
+(from a config), :mod:`.loss`, :mod:`.weights`, :mod:`.generate`, :mod:`.export` (Hugging Face format),
+:mod:`.presets` and :mod:`.projector`; what trains lives in :mod:`llava_ray.training.trainable`.
 """
 
 from __future__ import annotations
@@ -49,6 +46,7 @@ from llava_ray.model.weights import (
     read_llava_ray_config,
     read_weights,
 )
+from llava_ray.utils.compat import enable_activation_checkpointing
 from llava_ray.utils.storage import local_copy
 
 SELECT_FEATURES = ("patch", "cls_patch")
@@ -202,12 +200,7 @@ class LlavaModel(nn.Module):
 
     def enable_activation_checkpointing(self) -> None:
         """Recompute the LM's activations in backward (non-reentrant: works with frozen embeddings)."""
-        kwargs = {"use_reentrant": False}
-        enable = getattr(self.language_model, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable(activation_checkpointing_kwargs=kwargs)
-        else:  # transformers releases before the rename
-            self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        enable_activation_checkpointing(self.language_model, use_reentrant=False)
 
     # ---- llava-ray's own format ----------------------------------------------------------------
 
@@ -271,61 +264,7 @@ def check_placeholder_count(found: int, num_images: int, positions: int, token_i
         )
 
 
-
-
-
-
-
-
-# ---- building ------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
 # ---- weights -------------------------------------------------------------------------------------
 
 
-
-
-
-
-
-
-
-
-
-
-# ---- what trains ---------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
 # ---- generation ----------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-

@@ -1,4 +1,8 @@
-"""TODO docstring."""
+"""The language-modelling loss as a sum and a count, so ranks can normalise by the global token count.
+
+:func:`kept_token_loss_sum` is the supervised-only LM head's variant: logits exist only at the
+positions whose next label carries a loss (``logits_to_keep``).
+"""
 
 from __future__ import annotations
 

@@ -109,11 +109,3 @@ def build_language_model(
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
-
-
-
-
-
-
-
-

@@ -1,4 +1,9 @@
-"""TODO docstring."""
+"""llava-ray's weight files: reading safetensors / ``.bin`` files and folders, and loading them strictly.
+
+A llava-ray model folder holds ``model.safetensors`` and ``llava_ray_config.json`` (:data:`CONFIG_FILE`),
+enough to rebuild the model offline (:meth:`llava_ray.model.llava.LlavaModel.from_pretrained`).
+Every load names each missing, unexpected and misshapen key at once; nothing is silently random.
+"""
 
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ same ``run.name`` and ``run.storage_path`` resumes from the latest complete chec
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,13 +25,16 @@ from ray.train.torch import TorchTrainer
 
 from llava_ray.config.loader import ConfigError
 from llava_ray.config.schema import LlavaRayConfig
-from llava_ray.data.prepare import REPORT_FILE, build_prepare_pipeline, load_report
+from llava_ray.data.prepare import REPORT_FILE, build_prepare_pipeline, load_report, read_prepared
 from llava_ray.tracking.mlflow_tracking import Tracker, tracked_run
 from llava_ray.training.final_model import HF_DIR, final_model_uri
 from llava_ray.training.schedule import Schedule, build_schedule
 from llava_ray.training.validation import VAL_DATASET_PREFIX, split_validation, validation_plan
 from llava_ray.training.worker import train_loop_per_worker
+from llava_ray.utils.logging import ensure_logging, verbose_logging
 from llava_ray.utils.storage import filesystem, is_remote, ray_storage
+
+logger = logging.getLogger(__name__)
 
 INDEX_COLUMNS = ["row", "length", "modality", "num_supervised"]
 SORT_RANGE_ROWS = 2048  # rows per sorted output block of a rank's dataset
@@ -70,13 +74,6 @@ def train_problems(config: LlavaRayConfig) -> list[str]:
     return problems
 
 
-
-
-def read_prepared_dataset(path: str) -> ray.data.Dataset:
-    fs, root = filesystem(path)
-    return ray.data.read_parquet(root, filesystem=fs, file_extensions=["parquet"])
-
-
 def training_dataset(config: LlavaRayConfig) -> tuple[ray.data.Dataset, dict[str, Any]]:
     """The prepared rows and their data report: from shards, or prepared on the fly from the sources.
 
@@ -84,7 +81,7 @@ def training_dataset(config: LlavaRayConfig) -> tuple[ray.data.Dataset, dict[str
     shards; it is materialized in the object store once, since the schedule needs every length first.
     """
     if config.data.prepared_path:
-        return read_prepared_dataset(config.data.prepared_path), load_report(config.data.prepared_path)
+        return read_prepared(config.data.prepared_path), load_report(config.data.prepared_path)
     started = time.perf_counter()
     pipeline = build_prepare_pipeline(config)
     dataset = pipeline.dataset.materialize()
@@ -182,6 +179,7 @@ def run_train(
     ) as tracker:
         if not ray.is_initialized():
             ray.init()
+        ensure_logging()
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True
         context.enable_progress_bars = False  # per-worker bars flood job logs; the progress line says it all
@@ -206,11 +204,10 @@ def _fit(
     index, validation = split_validation(index, config)
     schedule = schedule_for(config, index)
     world_size = config.scaling.num_workers
-    print(
+    logger.info(
         f"[train] {len(index)} prepared samples -> {schedule.steps} steps of {config.train.global_batch_size} "
         f"({schedule.dropped_per_epoch} per epoch left out of incomplete global batches)"
-        + (f"; {len(validation)} held out for validation" if len(validation) else ""),
-        flush=True,
+        + (f"; {len(validation)} held out for validation" if len(validation) else "")
     )
     plans = rank_plans(assignments(index, schedule), world_size, "rank")
     if len(validation):
@@ -227,6 +224,7 @@ def _fit(
             "step_tokens": schedule.step_tokens,
             "tracking_uri": tracker.uri,
             "mlflow_run_id": tracker.run_id,
+            "verbose": verbose_logging(),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=world_size,
@@ -243,6 +241,8 @@ def _fit(
             failure_config=ray.train.FailureConfig(max_failures=config.scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.keep_last),
             callbacks=callbacks,
+            # Ray Train's own lines (worker group start, placement) at WARNING unless --verbose
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose_logging() else "WARNING"),
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),

@@ -1,7 +1,7 @@
 """Failure rehearsal: kill a chosen worker after a chosen step, once per run.
 
-Set ``fault.kill_rank`` and ``fault.kill_at_step`` in the config, or the environment variable
-``LLAVA_RAY_FAULT=RANK:STEP``. The worker exits abruptly (as an OOM-killed or preempted one
+Set ``fault.kill_rank`` and ``fault.kill_at_step`` in the config (on the command line:
+``fault.kill_rank=1 fault.kill_at_step=3``). The worker exits abruptly (as an OOM-killed or preempted one
 would); Ray Train restarts the worker group and the run resumes from its latest checkpoint. A
 marker in the run's storage makes the fault fire once, so the resumed run can pass that step.
 
@@ -16,26 +16,22 @@ then resumes from the one before it.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import ray.train
 
 from llava_ray.config.schema import LlavaRayConfig
-from llava_ray.utils.logging import say
 from llava_ray.utils.storage import filesystem
 
-FAULT_ENV = "LLAVA_RAY_FAULT"
+logger = logging.getLogger(__name__)
 
 
 def fault_target(config: LlavaRayConfig) -> tuple[int, int] | None:
-    """(rank, step) to kill, from the config or ``LLAVA_RAY_FAULT``; None when no fault is asked for."""
-    if config.fault.kill_rank is not None and config.fault.kill_at_step is not None:
-        return config.fault.kill_rank, config.fault.kill_at_step
-    value = os.environ.get(FAULT_ENV)
-    if not value:
+    """(rank, step) to kill, from the ``fault`` section; None when no fault is asked for."""
+    if config.fault.kill_rank is None or config.fault.kill_at_step is None:
         return None
-    rank, _, step = value.partition(":")
-    return int(rank), int(step)
+    return config.fault.kill_rank, config.fault.kill_at_step
 
 
 def maybe_inject_fault(config: LlavaRayConfig, rank: int, step: int) -> None:
@@ -53,5 +49,7 @@ def maybe_inject_fault(config: LlavaRayConfig, rank: int, step: int) -> None:
         return
     fs.makedirs(marker.rsplit("/", 1)[0], exist_ok=True)
     fs.pipe(marker, b"")
-    say(f"[fault] killing worker rank {rank} after step {step} ({FAULT_ENV} / fault.* config)")
+    logger.warning(
+        f"[fault] killing worker rank {rank} after step {step} (fault.kill_rank / fault.kill_at_step)"
+    )
     os._exit(1)

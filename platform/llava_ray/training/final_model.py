@@ -9,6 +9,7 @@ projector allows.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,12 @@ import torch
 from transformers import AutoModel, AutoModelForCausalLM
 
 from llava_ray.config.schema import LlavaRayConfig
+from llava_ray.model.export import export_hf
 from llava_ray.model.llava import LlavaModel
 from llava_ray.training.trainable import merge_lora, set_trainable
-from llava_ray.utils.logging import say
 from llava_ray.utils.storage import filesystem, join_uri
+
+logger = logging.getLogger(__name__)
 
 FINAL_DIR = "final"
 HF_DIR = "hf"
@@ -87,14 +90,12 @@ def save_final_model(
         if fs.exists(path):
             fs.rm(path, recursive=True)
         fs.put(str(local), path, recursive=True)
-    say(f"[train] final model written to {target}{export_note}")
+    logger.info(f"[train] final model written to {target}{export_note}")
     return target
 
 
 def export_if_possible(model_dir: Path, out_dir: Path) -> str:
     """Export to Hugging Face LLaVA when the projector is the 2-layer GELU MLP HF's class holds."""
-    from llava_ray.model.export import export_hf
-
     try:
         export_hf(model_dir, out_dir)
     except ValueError as error:  # a projector HF's LlavaForConditionalGeneration cannot hold

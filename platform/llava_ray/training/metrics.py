@@ -1,15 +1,16 @@
-"""Per-step training metrics and the progress line rank 0 prints."""
+"""Per-step training metrics and the progress lines rank 0 logs."""
 
 from __future__ import annotations
 
 import datetime
-import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import nn
 
-# Dense bf16 peak of one H100 SXM; set LLAVA_RAY_PEAK_TFLOPS for other accelerators (A100: 312).
+PROGRESS_EVERY_S = 10.0  # a progress line at most this often (and every train.log_every_steps at most)
+# Dense bf16 peak of one H100 SXM (scaling.gpu_peak_tflops for other accelerators; A100: 312).
 DEFAULT_PEAK_TFLOPS = 989.0
 
 
@@ -46,8 +47,9 @@ class FlopsModel:
         return float(lm + vision)
 
 
-def peak_flops(world_size: int) -> float:
-    return float(os.environ.get("LLAVA_RAY_PEAK_TFLOPS", DEFAULT_PEAK_TFLOPS)) * 1e12 * world_size
+def peak_flops(world_size: int, gpu_peak_tflops: float = DEFAULT_PEAK_TFLOPS) -> float:
+    """FLOP/s of ``world_size`` GPUs at ``gpu_peak_tflops`` each (``scaling.gpu_peak_tflops``)."""
+    return gpu_peak_tflops * 1e12 * world_size
 
 
 @dataclass
@@ -99,3 +101,45 @@ def format_progress(step: int, total: int, metrics: StepMetrics, eta_s: float) -
         f"(supervised {values['supervised_tokens_per_s']:.0f}) pad {metrics.padding_fraction:.0%}{mfu} | "
         f"peak mem {metrics.peak_memory_gib:.2f} GiB | ETA {datetime.timedelta(seconds=round(eta_s))}"
     )
+
+
+@dataclass
+class ProgressMeter:
+    """When rank 0 logs a progress line, and the figures of the steps since the last one.
+
+    A line comes every ``every_steps`` steps or every ``every_s`` seconds, whichever is coarser,
+    and at the last step. Its loss is the mean over those steps, its rates their totals over their
+    time, so a line speaks for every step it covers; learning rate, grad norm and memory are the
+    last step's. The ETA comes from the pace since the meter started.
+    """
+
+    total_steps: int
+    start_step: int
+    every_steps: int = 1
+    every_s: float = PROGRESS_EVERY_S
+    clock: Any = time.monotonic
+    _window: list[StepMetrics] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.started = self.last_line = self.clock()
+        self.last_step = self.start_step
+
+    def update(self, step: int, metrics: StepMetrics) -> str | None:
+        """The progress line to log after ``step``, or None when none is due."""
+        self._window.append(metrics)
+        now = self.clock()
+        due = step - self.last_step >= self.every_steps and now - self.last_line >= self.every_s
+        if not due and step < self.total_steps:
+            return None
+        window, self._window = self._window, []
+        combined = replace(
+            window[-1],
+            loss=sum(m.loss for m in window) / len(window),
+            samples=sum(m.samples for m in window),
+            tokens=sum(m.tokens for m in window),
+            supervised_tokens=sum(m.supervised_tokens for m in window),
+            seconds=sum(m.seconds for m in window),
+        )
+        eta = (now - self.started) / max(step - self.start_step, 1) * (self.total_steps - step)
+        self.last_line, self.last_step = now, step
+        return format_progress(step, self.total_steps, combined, eta)

@@ -7,38 +7,32 @@ tokens, first-fit decreasing, never splitting a sample (one longer than the budg
 its own). Training (``train.packing``) packs each scheduled micro-batch into one row with
 :func:`pack_micro_batch` and runs the LM with :func:`use_segment_attention`.
 
-Output: the keys of ``collate_rows`` (``input_ids``, ``labels``, ``pixel_values``, ``num_tokens``,
-``num_supervised``; ``attention_mask`` only with ``attention="block_mask"``), plus:
+Output: the keys of ``collate_rows`` but ``attention_mask`` (``input_ids``, ``labels``,
+``pixel_values``, ``num_tokens``, ``num_supervised``), plus:
 
 - ``position_ids``: long [R, T], restarting at 0 at every sample (and at the row's padding)
 - ``num_samples``: samples in the micro-batch (``input_ids`` has fewer rows than samples)
 
-Per-sample attention, three exact ways, all checked against running each sample alone:
+Per-sample attention, two exact ways, both checked against running each sample alone:
 
-- ``attention="position_ids"`` (default) with transformers' SDPA: no attention mask. transformers 5
-  then derives a block-diagonal causal mask from position ids that restart at 0, but only when no
-  attention mask is passed AND there is no KV cache (``use_cache=False``, which
-  ``LlavaModel.forward`` defaults to). With a cache, packed rows silently attend across samples.
-- ``attention="block_mask"``: an explicit bool [R, 1, T, T] block-diagonal causal mask (True:
-  attend) that transformers hands to SDPA as is, cache or not; R x T x T bytes in every batch.
-- ``attention="position_ids"`` with :func:`use_segment_attention` on the LM: SDPA runs causally on
-  each sample alone, so attention costs sum(L^2) / 2 instead of T^2 per row and no mask exists.
+- transformers' SDPA: no attention mask. transformers 5 then derives a block-diagonal causal mask
+  from position ids that restart at 0, but only when no attention mask is passed AND there is no
+  KV cache (``use_cache=False``, which ``LlavaModel.forward`` defaults to). With a cache, packed
+  rows silently attend across samples.
+- :func:`use_segment_attention` on the LM (what training uses): SDPA runs causally on each sample
+  alone, so attention costs sum(L^2) / 2 instead of T^2 per row and no mask exists.
 
-With ``LLAVA_RAY_VARLEN_ATTENTION=1``, on CUDA in half precision (torch >= 2.10), the segments
-go to torch's variable-length FlashAttention kernel in one call (:func:`varlen_segments`) instead
-of one SDPA call each. Its layout is tested on the CPU against a reference of the kernel's
-contract, but the kernel itself has not yet run on a GPU here (no GPU was lent when it was
-written), so it is off by default until the GPU benchmark and invariance check have run with it.
+With ``train.attention=varlen`` (``use_segment_attention(lm, "varlen")``), on CUDA in half
+precision (torch >= 2.10), the segments go to torch's variable-length FlashAttention kernel in one
+call (:func:`varlen_segments`) instead of one SDPA call each; elsewhere it falls back to them. Its
+layout is tested on the CPU against a reference of the kernel's contract; the kernel itself has not
+yet run on a GPU, so ``segments`` is the default until the GPU benchmark has run with it.
 
-Both mask variants run SDPA densely over T x T with a mask, which costs more than the padding it
-saves. Measured (tiny preset, fp32, one CPU thread on a loaded 2-core machine, CPU seconds of
-forward + backward over a 32-sample global batch of the benchmark's LLaVA-665K-like mix, median
-of 5): padded grouped micro-batches 0.656; packed rows of 1024 tokens: transformers' mask from
-position ids 1.053, explicit block mask 0.970, segment attention 0.533 (rows of 512: 0.781,
-0.729, 0.616 against padded 0.642). The two dense masks are within noise of each other; the
-segment attention is the one to train with (``llava_ray.training.benchmark`` measures it end
-to end). Batches with an attention mask or a KV cache (padded batches, generation) go through
-transformers' own SDPA path unchanged, so switching it on is safe for every other use.
+Why segments rather than transformers' mask from position ids: that mask runs SDPA densely over
+T x T, which costs more than the padding it saves (measured: ``benchmarks/README.md``,
+``python benchmarks/run.py train``). Batches with an attention mask or a KV cache (padded batches,
+generation) go through transformers' own SDPA path unchanged, so switching it on is safe for every
+other use.
 
 Loss: position t predicts label t+1, so the first token of a packed sample would be trained from
 the previous sample's last token. In an unpacked row that label is never used (it has no
@@ -53,7 +47,6 @@ from __future__ import annotations
 
 import inspect
 import itertools
-import os
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -66,16 +59,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from llava_ray.conversation.templates import IGNORE_INDEX
 from llava_ray.training.collate import collate_rows
-
-try:  # torch >= 2.10: FlashAttention's variable-length kernel (CUDA only)
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:
-    varlen_attn = None
-VARLEN_PARAMETERS = set(inspect.signature(varlen_attn).parameters) if varlen_attn is not None else set()
-VARLEN_ENV = "LLAVA_RAY_VARLEN_ATTENTION"  # "1": one varlen kernel call on CUDA (see the docstring)
-
-Attention = Literal["position_ids", "block_mask"]
-ATTENTION_MODES: tuple[str, ...] = ("position_ids", "block_mask")
+from llava_ray.utils.compat import VARLEN_PARAMETERS, varlen_attn
 
 
 def first_fit_decreasing(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
@@ -100,15 +84,9 @@ def first_fit_decreasing(lengths: Sequence[int], token_budget: int) -> list[list
 
 
 def pack_rows(
-    rows: Sequence[dict[str, Any]],
-    token_budget: int,
-    pad_id: int,
-    image_size: int,
-    attention: Attention = "position_ids",
+    rows: Sequence[dict[str, Any]], token_budget: int, pad_id: int, image_size: int
 ) -> dict[str, torch.Tensor]:
     """Pack a micro-batch of prepared rows (see the module docstring for keys and shapes)."""
-    if attention not in ATTENTION_MODES:
-        raise ValueError(f"attention={attention!r} is unknown; use one of {', '.join(ATTENTION_MODES)}")
     lengths = [len(row["input_ids"]) for row in rows]
     bins = first_fit_decreasing(lengths, token_budget)
     packed = [_concatenate([rows[i] for i in members]) for members in bins]
@@ -118,30 +96,8 @@ def pack_rows(
         [_positions([lengths[i] for i in members], width) for members in bins]
     )
     del batch["attention_mask"]  # the per-sample structure lives in position_ids
-    if attention == "block_mask":
-        batch["attention_mask"] = block_causal_mask(batch["position_ids"])
     batch["num_samples"] = torch.tensor(len(rows))
     return batch
-
-
-def pack_micro_batches(
-    rows: Sequence[dict[str, Any]],
-    token_budget: int,
-    pad_id: int,
-    image_size: int,
-    attention: Attention = "position_ids",
-) -> list[dict[str, torch.Tensor]]:
-    """Micro-batches of one packed row each, filled first-fit decreasing up to ``token_budget``.
-
-    For a whole global batch: every micro-batch but the emptiest is (nearly) full, so the step
-    runs few forward passes of near-equal size and the loss normalisation (by the global batch's
-    supervised tokens) is the same as for any other split.
-    """
-    lengths = [len(row["input_ids"]) for row in rows]
-    return [
-        pack_rows([rows[i] for i in members], token_budget, pad_id, image_size, attention)
-        for members in first_fit_decreasing(lengths, token_budget)
-    ]
 
 
 def pack_micro_batch(rows: Sequence[dict[str, Any]], pad_id: int, image_size: int) -> dict[str, torch.Tensor]:
@@ -186,18 +142,11 @@ def segment_starts(position_ids: torch.Tensor) -> torch.Tensor:
     return starts
 
 
-def block_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
-    """Bool [R, 1, T, T]: query i attends key j iff j <= i in the same segment (True: attend)."""
-    segments = segment_starts(position_ids).cumsum(-1)
-    width = position_ids.shape[1]
-    causal = torch.ones(width, width, dtype=torch.bool, device=position_ids.device).tril()
-    same = segments[:, :, None] == segments[:, None, :]
-    return (same & causal).unsqueeze(1)
-
-
 # ---- attention that skips the masked blocks -----------------------------------------------------
 
-SEGMENT_ATTENTION = "llava_ray_segments"
+SegmentKernel = Literal["segments", "varlen"]  # train.attention: how the segments' attention runs
+# The names under which transformers' AttentionInterface holds the two kernels.
+ATTENTION_NAMES: dict[str, str] = {"segments": "llava_ray_segments", "varlen": "llava_ray_varlen"}
 
 
 def segment_lengths(position_ids: torch.Tensor) -> list[int]:
@@ -215,11 +164,13 @@ def segment_attention_forward(
     dropout: float = 0.0,
     scaling: float | None = None,
     position_ids: torch.Tensor | None = None,
+    varlen: bool = False,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """Causal SDPA run on each packed segment alone, so attention costs sum(L^2) instead of T^2 per row.
 
-    Anything else (an attention mask, keys beyond the queries when decoding with a cache, no
+    ``varlen``: all segments in one call of torch's variable-length kernel where it applies
+    (:func:`varlen_applies`), one SDPA call per segment elsewhere. Anything else (an attention mask, keys beyond the queries when decoding with a cache, no
     position ids) goes to transformers' own SDPA attention unchanged.
     """
     rows, heads, width, head_dim = query.shape
@@ -240,7 +191,7 @@ def segment_attention_forward(
         )
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    if varlen_applies(query, dropout, scaling):
+    if varlen and varlen_applies(query, dropout, scaling):
         return varlen_segments(query, key, value, lengths, scaling), None
     # [rows, heads, width, dim] -> [1, heads, tokens, dim]: segments are contiguous slices of the
     # token axis. split (not indexing) keeps the backward to one cat; 4-D inputs reach the flash
@@ -254,10 +205,15 @@ def segment_attention_forward(
     return output.permute(1, 2, 0, 3), None
 
 
+def varlen_segment_attention_forward(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """:func:`segment_attention_forward` with the variable-length kernel (``train.attention=varlen``)."""
+    return segment_attention_forward(*args, varlen=True, **kwargs)
+
+
 def varlen_applies(query: torch.Tensor, dropout: float, scaling: float | None) -> bool:
-    """Whether torch's variable-length flash kernel can run these segments: CUDA, half precision,
-    no dropout, a head size flash supports, a scale it can take, and switched on (``VARLEN_ENV=1``)."""
-    if varlen_attn is None or os.environ.get(VARLEN_ENV, "0") != "1":
+    """Whether torch's variable-length flash kernel can run these segments: the kernel exists (torch
+    >= 2.10), CUDA, half precision, no dropout, a head size flash supports and a scale it can take."""
+    if varlen_attn is None:
         return False
     head_dim = query.shape[-1]
     default_scale = scaling is None or abs(scaling - head_dim**-0.5) < 1e-12
@@ -316,10 +272,12 @@ def segment_mask(
     )
 
 
-def use_segment_attention(language_model: PreTrainedModel) -> None:
+def use_segment_attention(language_model: PreTrainedModel, attention: SegmentKernel = "segments") -> None:
     """Switch a causal LM to :func:`segment_attention_forward` (exact for packed and padded batches).
 
-    Only for LMs whose layers all use full causal attention (Llama, Vicuna, Mistral and Qwen2
+    ``attention`` (``train.attention``): ``segments``, one SDPA call per sample; ``varlen``, one call
+    of torch's variable-length FlashAttention kernel per layer where it runs (CUDA, half precision),
+    the per-sample calls elsewhere. Only for LMs whose layers all use full causal attention (Llama, Vicuna, Mistral and Qwen2
     without windows shorter than a sample); hybrid layer types are refused.
     """
     layer_types = set(getattr(language_model.config, "layer_types", None) or ["full_attention"])
@@ -328,6 +286,10 @@ def use_segment_attention(language_model: PreTrainedModel) -> None:
             f"the LM mixes attention layer types {sorted(layer_types)}; segment attention covers full "
             "causal attention only: train this LM with train.packing=false"
         )
-    AttentionInterface.register(SEGMENT_ATTENTION, segment_attention_forward)
-    AttentionMaskInterface.register(SEGMENT_ATTENTION, segment_mask)
-    language_model.set_attn_implementation(SEGMENT_ATTENTION)
+    if attention not in ATTENTION_NAMES:
+        raise ValueError(f"attention={attention!r} is unknown; use one of {', '.join(ATTENTION_NAMES)}")
+    name = ATTENTION_NAMES[attention]
+    forward = varlen_segment_attention_forward if attention == "varlen" else segment_attention_forward
+    AttentionInterface.register(name, forward)
+    AttentionMaskInterface.register(name, segment_mask)
+    language_model.set_attn_implementation(name)

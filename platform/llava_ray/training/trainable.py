@@ -1,4 +1,7 @@
-"""TODO docstring."""
+"""What trains in each stage: the projector always; ``full`` adds the LM, ``lora`` adds peft adapters on it.
+
+:func:`merge_lora` folds adapters back into the LM before a model is saved or exported.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The Ray Train worker loop of a stage job: setup -> train -> save -> cleanup.
 
-Every rank runs this function. Rank 0 alone prints progress, logs metrics and writes the final
+Every rank runs this function. Rank 0 alone logs progress, logs metrics and writes the final
 model; every rank takes part in DeepSpeed checkpoints (ZeRO shards) and in ``ray.train.report``,
 which is a barrier.
 """
@@ -8,9 +8,9 @@ which is a barrier.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,19 +29,22 @@ from llava_ray.tracking.mlflow_tracking import Tracker
 from llava_ray.training.collate import collate_rows, rows_from_columns
 from llava_ray.training.faults import maybe_inject_fault
 from llava_ray.training.final_model import save_final_model
-from llava_ray.training.metrics import FlopsModel, StepMetrics, format_progress, peak_flops
+from llava_ray.training.metrics import FlopsModel, ProgressMeter, StepMetrics, peak_flops
 from llava_ray.training.optim import (
     accumulation_steps,
     build_optimizer,
     build_scheduler,
     deepspeed_config,
+    learning_rates,
     resolve_precision,
 )
 from llava_ray.training.packing import pack_micro_batch, use_segment_attention
 from llava_ray.training.step import StepResult, train_step
 from llava_ray.training.trainable import set_trainable
 from llava_ray.training.validation import Validation
-from llava_ray.utils.logging import say
+from llava_ray.utils.logging import ensure_logging, setup_logging
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_TAG = "state"
 STATE_FILE = "train_state.json"
@@ -64,6 +67,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     total_steps = len(step_tokens)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
+    setup_logging(loop_config.get("verbose", False), rank)  # before DeepSpeed: it warns on import
     device = ray.train.torch.get_device()
 
     tracker = Tracker(
@@ -75,7 +79,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         config, rank, tokenizer.pad_token_id, model, skip_steps=state.step, world_size=world_size
     )
     if rank == 0:
-        say(
+        logger.info(
             f"[train] {config.run.name}: {config.train.stage}/{config.train.trainable}, {total_steps} steps, "
             f"{world_size} workers x {config.train.micro_batch_size} x {accumulation_steps(config, world_size)} "
             f"accumulation, ZeRO-{config.deepspeed.zero_stage}, {resolve_precision(config, device.type == 'cuda')}"
@@ -86,8 +90,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     )
     flops = FlopsModel.of(model)
     accumulation = accumulation_steps(config, world_size)
-    started = time.time()
-    start_step = state.step
+    progress = ProgressMeter(total_steps, state.step, config.train.log_every_steps)
     while state.step < total_steps:
         result = train_step(
             engine,
@@ -102,24 +105,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             metrics.mfu = (
                 flops.step_flops(metrics.tokens, metrics.image_positions)
                 / metrics.seconds
-                / peak_flops(world_size)
+                / peak_flops(world_size, config.scaling.gpu_peak_tflops)
             )
         state.samples_seen += metrics.samples
         state.loss_first = metrics.loss if state.loss_first is None else state.loss_first
         state.loss_last = metrics.loss
         step_metrics = metrics.as_dict(state.step)
         report = {**step_metrics, "total_steps": total_steps}
-        tracker.log_metrics(step_metrics, step=state.step)  # a no-op off rank 0
+        if state.step % config.train.log_every_steps == 0 or state.step == total_steps:
+            tracker.log_metrics(step_metrics, step=state.step)  # a no-op off rank 0
         if validation.due(state.step):
             validated = validation.loss(engine, world_size, device)
             report |= validated
             tracker.log_metrics(validated, step=state.step)
             if rank == 0:
-                say(f"[train] step {state.step}/{total_steps} val_loss {validated['val_loss']:.4f}")
-        if rank == 0 and (state.step % config.train.log_every_steps == 0 or state.step == total_steps):
-            elapsed = time.time() - started
-            eta = elapsed / (state.step - start_step) * (total_steps - state.step)
-            say(format_progress(state.step, total_steps, metrics, eta))
+                logger.info(f"[train] step {state.step}/{total_steps} val_loss {validated['val_loss']:.4f}")
+        if rank == 0 and (line := progress.update(state.step, metrics)):
+            logger.info(line)
         every = config.checkpoint.every_n_steps
         if state.step < total_steps and every and state.step % every == 0:
             save_checkpoint(engine, state, rank, report)
@@ -139,12 +141,17 @@ def setup_engine(
     """Build the model (weights loaded before any sharding), optimizer, schedule and DeepSpeed engine."""
     import deepspeed
 
+    if device.type == "cpu":
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory op at its first init on a machine
+        # (minutes on 2 busy cores) that only its inference all-reduce uses; training goes over gloo.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    ensure_logging()  # importing DeepSpeed set its logger's level
     seed_everything(config.run.seed)
     tokenizer = load_tokenizer(config.model)
     model = build_llava_model(config.model, tokenizer, seed=config.run.seed)
     model.template = config.data.template
     if config.train.packing:  # packed rows attend per sample, at sum(L^2) (see micro_batches)
-        use_segment_attention(model.language_model)
+        use_segment_attention(model.language_model, config.train.attention)
     set_trainable(model, config.train.trainable, config.train.freeze_vision_tower, config.train.lora)
     if config.train.gradient_checkpointing:
         model.enable_activation_checkpointing()
@@ -203,11 +210,11 @@ def reduce_metrics(result: StepResult, engine: Any, world_size: int, device: tor
     if world_size > 1:
         dist.all_reduce(values)
     loss, samples, tokens, padded, supervised, image_positions = values.tolist()
-    learning_rates = [group["lr"] for group in engine.optimizer.param_groups]
+    learning_rate, projector_learning_rate = learning_rates(engine.optimizer)
     return StepMetrics(
         loss=loss,
-        learning_rate=learning_rates[0],
-        projector_learning_rate=learning_rates[-1],
+        learning_rate=learning_rate,
+        projector_learning_rate=projector_learning_rate,
         grad_norm=result.grad_norm,
         samples=int(samples),
         tokens=int(tokens),
@@ -291,5 +298,5 @@ def restore_checkpoint(engine: Any, rank: int) -> TrainState:
         state = TrainState(**json.loads((Path(directory) / STATE_FILE).read_text()))
     state.resumed_from_step = state.step
     if rank == 0:
-        say(f"[train] restored checkpoint at step {state.step}")
+        logger.info(f"[train] restored checkpoint at step {state.step}")
     return state

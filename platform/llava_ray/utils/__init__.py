@@ -1,1 +1,1 @@
-"""Small shared helpers: storage URLs, ports, processes."""
+"""Small shared helpers below every other layer: storage URLs, logging, skips, version shims."""

@@ -7,6 +7,7 @@ model. Used by ``jobs/pipeline.py`` and by the demo.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,8 +22,12 @@ from llava_ray.config.schema import LlavaRayConfig
 from llava_ray.config.workflow import PipelineConfig, PipelineJobs
 from llava_ray.data.prepare import load_report, run_prepare
 from llava_ray.evaluation.job import evaluate_problems
+from llava_ray.generation.job import run_generate
 from llava_ray.tracking.mlflow_tracking import tracked_run
 from llava_ray.training.driver import TrainResult, run_train
+from llava_ray.utils.logging import ensure_logging
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,12 +56,13 @@ def prepare_job(
     config: LlavaRayConfig, parent_run_id: str | None = None, reuse: bool = False
 ) -> dict[str, Any]:
     """Run (or, with ``reuse``, reuse a finished) prepare, tracked as an MLflow run."""
+    ensure_logging()
     with tracked_run(config, "prepare", parent_run_id, run_name=f"{config.run.name}-prepare") as tracker:
         report = None
         if reuse:
             try:
                 report = load_report(config.data.prepared_path)
-                print(f"[prepare] reusing prepared data at {config.data.prepared_path}", flush=True)
+                logger.info(f"[prepare] reusing prepared data at {config.data.prepared_path}")
             except FileNotFoundError:
                 pass  # not prepared yet: prepare below
         reused = report is not None
@@ -70,8 +76,7 @@ def prepare_job(
 
 def generate_job(config: LlavaRayConfig, parent_run_id: str | None = None) -> dict[str, Any]:
     """Instruction-data generation (``config.generate``), tracked as an MLflow run."""
-    from llava_ray.generation.job import run_generate
-
+    ensure_logging()
     with tracked_run(
         config, "generate-data", parent_run_id, run_name=f"{config.run.name}-generate"
     ) as tracker:
@@ -91,12 +96,13 @@ def run_pipeline(
 ) -> PipelineResult:
     """Generate instruction data (with ``generate``), prepare both stages' data, train stage 1, train
     stage 2 from it, then ``evaluate(model, parent)``."""
+    ensure_logging()
     with tracked_run(pretrain, "pipeline", run_name=name) as parent:
         outcome = PipelineResult(parent.run_id)
 
         def timed(stage: str, action: Callable[[], Any]) -> Any:
             started = time.time()
-            print(f"[pipeline] {stage} ...", flush=True)
+            logger.info(f"[pipeline] {stage} ...")
             result = action()
             outcome.stages.append(StageOutcome(stage, time.time() - started, result))
             return result
@@ -119,6 +125,8 @@ def run_pipeline(
 def load_pipeline(path: str | Path, overrides: list[str] = ()) -> PipelineJobs:
     """The pipeline and every job's config, all validated before any work; one error lists every problem."""
     path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"pipeline file {str(path)!r} does not exist; pass an existing YAML file"])
     raw = yaml.safe_load(path.read_text()) or {}
     try:
         pipeline = PipelineConfig.model_validate(raw.get("pipeline", raw))

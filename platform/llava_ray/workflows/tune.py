@@ -14,6 +14,7 @@ an interrupted sweep), ``results.csv`` / ``results.json`` (one line per trial) a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -25,7 +26,11 @@ from llava_ray.config.loader import apply_overrides, dump_config, validate_confi
 from llava_ray.config.schema import LlavaRayConfig
 from llava_ray.config.sweep import SweepConfig, override
 from llava_ray.tracking.mlflow_tracking import tracked_run
-from llava_ray.utils.storage import filesystem, is_remote, join_uri
+from llava_ray.training.driver import run_train
+from llava_ray.utils.logging import ensure_logging, setup_logging, verbose_logging
+from llava_ray.utils.storage import filesystem, is_remote, join_uri, ray_storage
+
+logger = logging.getLogger(__name__)
 
 SWEEP_STATE = "llava_ray_sweep.json"
 RESULTS_CSV = "results.csv"
@@ -76,6 +81,7 @@ def run_trial(
     storage: str,
     uri: str | None,
     parent: str | None,
+    verbose: bool = False,
 ) -> None:
     """One trial (a Tune function trainable): train the sampled config, forwarding validation results.
 
@@ -93,14 +99,19 @@ def run_trial(
     train = ray.remote(num_cpus=0, max_retries=0)(_train_trial).options(scheduling_strategy="DEFAULT")
     ray.get(
         train.remote(
-            config, parent, callback, {"llava_ray.sweep": sweep.name, "llava_ray.trial_id": trial_id}
+            config,
+            parent,
+            callback,
+            {"llava_ray.sweep": sweep.name, "llava_ray.trial_id": trial_id},
+            verbose,
         )
     )
 
 
-def _train_trial(config: LlavaRayConfig, parent: str | None, callback: Any, tags: dict[str, str]) -> None:
-    from llava_ray.training.driver import run_train
-
+def _train_trial(
+    config: LlavaRayConfig, parent: str | None, callback: Any, tags: dict[str, str], verbose: bool
+) -> None:
+    setup_logging(verbose)
     run_train(config, parent, callbacks=[callback], extra_tags=tags)
 
 
@@ -148,6 +159,7 @@ def run_sweep(sweep: SweepConfig, base: LlavaRayConfig) -> SweepResult:
     import ray
     from ray import tune
 
+    ensure_logging()
     storage = sweep.storage_path or base.run.storage_path
     if not is_remote(storage):
         storage = os.path.abspath(storage)
@@ -177,10 +189,10 @@ def run_sweep(sweep: SweepConfig, base: LlavaRayConfig) -> SweepResult:
                 storage=storage,
                 uri=uri,
                 parent=parent.run_id,
+                verbose=verbose_logging(),
             ),
             {"CPU": TRIAL_DRIVER_CPUS},
         )
-        from llava_ray.utils.storage import ray_storage
 
         tune_storage, tune_filesystem = ray_storage(storage)
         resumed = tune.Tuner.can_restore(
@@ -189,7 +201,7 @@ def run_sweep(sweep: SweepConfig, base: LlavaRayConfig) -> SweepResult:
         warn_if_data_starves(sweep)
         started = time.time()
         if resumed:
-            print(f"[tune] resuming sweep {sweep.name} from {path}", flush=True)
+            logger.info(f"[tune] resuming sweep {sweep.name} from {path}")
             tuner = tune.Tuner.restore(
                 join_uri(tune_storage, sweep.name),
                 trainable,
@@ -238,11 +250,10 @@ def run_sweep(sweep: SweepConfig, base: LlavaRayConfig) -> SweepResult:
             }
         )
         parent.set_tags({"llava_ray.best_trial": str(best_row["trial_id"].iloc[0]) if len(best_row) else ""})
-        print(format_table(table, sweep), flush=True)
-        print(
+        logger.info(format_table(table, sweep))
+        logger.info(
             f"[tune] {len(table)} trials in {time.time() - started:.0f}s; best config: {join_uri(path, BEST_CONFIG)}"
-            f"\n[tune] train it: llava-ray train --config {join_uri(path, BEST_CONFIG)}",
-            flush=True,
+            f"\n[tune] train it: llava-ray train --config {join_uri(path, BEST_CONFIG)}"
         )
         return SweepResult(path, table, best_config, join_uri(path, BEST_CONFIG), parent.run_id, resumed)
 
@@ -256,11 +267,10 @@ def warn_if_data_starves(sweep: SweepConfig) -> None:
     per_trial = resources.num_workers * resources.cpus_per_worker + TRIAL_DRIVER_CPUS
     concurrent = min(sweep.max_concurrent_trials or 10**6, int(cpus // per_trial) or 1)
     if cpus - concurrent * per_trial < 1:
-        print(
+        logger.warning(
             f"[tune] WARNING: {concurrent} concurrent trials x {per_trial:g} CPUs leave less than one of the "
             f"cluster's {cpus:g} CPUs for Ray Data's tasks; trials may wait for data. Lower "
-            "max_concurrent_trials or trial_resources.cpus_per_worker, or add CPU nodes.",
-            flush=True,
+            "max_concurrent_trials or trial_resources.cpus_per_worker, or add CPU nodes."
         )
 
 
