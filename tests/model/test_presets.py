@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 from llava_ray.config.model_sources import image_positions, resolve_sources
 from llava_ray.config.presets import PRESETS, TINY_TOKENIZER_DIR
 from llava_ray.config.schema import ModelConfig
-from llava_ray.conversation.templates import template_fixed_texts
+from llava_ray.conversation.templates import TEMPLATES, Turn
 from llava_ray.conversation.tokenizer import IMAGE_TOKEN, image_token_id, load_tokenizer, train_tiny_tokenizer
 from llava_ray.data.synthetic import corpus_texts, tiny_corpus
 from llava_ray.model.presets import (
@@ -94,7 +94,10 @@ def test_sources_resolve_from_preset_and_explicit_keys():
 
 def test_tiny_tokenizer_round_trips_the_corpus_without_unknowns():
     tokenizer = load_tokenizer(ModelConfig(preset="tiny"))
-    for text in [*corpus_texts(), *template_fixed_texts(), "Unseen words: ünïcödé, 日本語 & emoji 🙂"]:
+    rendered = [
+        template.prompt_text([Turn("user", f"{IMAGE_TOKEN}\nWhat is it?")]) for template in TEMPLATES.values()
+    ]
+    for text in [*corpus_texts(), *rendered, "Unseen words: ünïcödé, 日本語 & emoji 🙂"]:
         ids = tokenizer(text, add_special_tokens=False).input_ids
         assert tokenizer.unk_token_id not in ids
         assert tokenizer.decode(ids) == text

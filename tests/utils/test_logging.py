@@ -9,6 +9,7 @@ import pytest
 from llava_ray.utils.logging import (
     PACKAGE_LOGGER,
     QUIET_LOGGERS,
+    RAY_DATA_PROGRESS_LOGGER,
     ensure_logging,
     setup_logging,
     verbose_logging,
@@ -17,7 +18,7 @@ from llava_ray.utils.logging import (
 
 @pytest.fixture(autouse=True)
 def restore_loggers() -> Iterator[None]:
-    names = [PACKAGE_LOGGER, *QUIET_LOGGERS]
+    names = [PACKAGE_LOGGER, *QUIET_LOGGERS, RAY_DATA_PROGRESS_LOGGER]
     saved = {
         name: (logger.level, list(logger.handlers), logger.propagate)
         for name in names
@@ -93,3 +94,11 @@ def test_collective_deprecations_are_filtered_and_others_kept():
         )
         warnings.warn("something else changes", FutureWarning, stacklevel=2)
     assert [str(w.message) for w in caught] == ["something else changes"]
+
+
+def test_ray_datas_bars_off_warning_is_silent_unless_verbose():
+    """The driver turns Ray Data's progress bars off on purpose; Ray warns about it in every worker."""
+    setup_logging()
+    assert not logging.getLogger(RAY_DATA_PROGRESS_LOGGER).isEnabledFor(logging.WARNING)
+    setup_logging(verbose=True)
+    assert logging.getLogger(RAY_DATA_PROGRESS_LOGGER).isEnabledFor(logging.WARNING)

@@ -78,5 +78,5 @@ def test_unknown_pipeline_keys_name_the_pipeline_keys(tmp_path):
 
 
 def test_a_missing_pipeline_file_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="pipeline file .*missing.yaml' does not exist"):
+    with pytest.raises(ConfigError, match=r"pipeline file .*missing\.yaml' does not exist"):
         load_pipeline(tmp_path / "missing.yaml")

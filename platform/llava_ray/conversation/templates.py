@@ -3,9 +3,8 @@
 Each :class:`Template` declares a format's fixed strings (system prompt and its wrapping, user and
 assistant markers, end marker) and two rules (llama_2 folds the system into the first user turn;
 ``plain`` keeps only the image and the caption). Everything else is derived from that declaration:
-the spans here (:meth:`Template.render`), the Hugging Face Jinja chat template
-(``conversation.chat_template``), and the fixed text the tiny tokenizer is trained on
-(:func:`template_fixed_texts`).
+the spans here (:meth:`Template.render`) and the Hugging Face Jinja chat template
+(``conversation.chat_template``), the tiny tokenizer's ChatML template among them.
 
 :func:`tokenize_conversation` joins the spans, tokenizes the whole text once with character
 offsets, and supervises exactly the tokens that fall in supervised spans. Unlike the reference
@@ -27,7 +26,6 @@ Exact strings (../shared/LLAVA_REFERENCE.md):
 from __future__ import annotations
 
 import bisect
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -190,22 +188,6 @@ def check_template_names(declared: Iterable[str], configurable: Iterable[str]) -
 
 # Configs validate against TEMPLATE_NAMES; the two lists must not drift apart.
 check_template_names(TEMPLATES, TEMPLATE_NAMES)
-
-
-def template_fixed_texts() -> list[str]:
-    """The templates' own text (system prompts, role markers), for training the tiny tokenizer.
-
-    Each template renders one exchange with placeholder texts; the pieces between the placeholders
-    and its special tokens (a tokenizer holds those whole, so BPE must not learn their parts) are the
-    fixed text.
-    """
-    slot = "\x00"
-    texts: list[str] = []
-    for template in TEMPLATES.values():
-        spans = template.render([Turn("user", slot), Turn("assistant", slot)])
-        pattern = "|".join(re.escape(cut) for cut in (slot, *template.special_tokens))
-        texts += re.split(pattern, "".join(span.text for span in spans))
-    return [text for text in dict.fromkeys(texts) if text]
 
 
 def get_template(name: str) -> Template:

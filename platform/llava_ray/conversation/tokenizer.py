@@ -18,7 +18,14 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from llava_ray.config.model_sources import resolve_sources
 from llava_ray.config.schema import ModelConfig
 from llava_ray.conversation.chat_template import jinja_chat_template
-from llava_ray.conversation.templates import IMAGE_TOKEN, TEMPLATES
+from llava_ray.conversation.templates import (
+    CHATML_SYSTEM,
+    IMAGE_TOKEN,
+    LLAMA_2_SYSTEM,
+    LLAVA_V1_SYSTEM,
+    TEMPLATES,
+    VICUNA_SYSTEM,
+)
 from llava_ray.utils.storage import local_copy
 
 PAD_TOKEN = "<pad>"
@@ -27,6 +34,20 @@ TINY_VOCAB_SIZE = 1024
 
 # ChatML with generation markers, so `apply_chat_template(..., return_assistant_tokens_mask=True)`
 # knows which tokens the assistant wrote (the `tokenizer` conversation template relies on it).
+# Besides the synthetic corpus, the texts the shipped tiny tokenizer was trained on. They are its
+# training data, frozen with it, not a copy of the template declarations: byte-level BPE encodes any
+# template's markers whatever these are; they only shape its merges. Retraining on other texts (the
+# templates' derived fixed pieces were tried) moves about 170 ids and changes what the tiny model
+# learns: the demo's position questions fell from 0.93 to 0.44 at the same settings.
+TINY_TOKENIZER_EXTRA_TEXTS = (
+    VICUNA_SYSTEM,
+    LLAVA_V1_SYSTEM,
+    LLAMA_2_SYSTEM,
+    CHATML_SYSTEM,
+    "USER: ASSISTANT:",
+    "[INST] <<SYS>>\n<</SYS>>\n\n [/INST]",
+    "system\nuser\nassistant\n",
+)
 TINY_CHAT_TEMPLATE = jinja_chat_template(TEMPLATES["chatml"], default_system="", generation_markers=True)
 
 

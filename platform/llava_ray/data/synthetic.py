@@ -34,7 +34,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from llava_ray.conversation.templates import template_fixed_texts
+from llava_ray.conversation.tokenizer import TINY_TOKENIZER_EXTRA_TEXTS
 
 IMAGE_PLACEHOLDER = "<image>"
 # LLaVA-1.5 appends this to its short-answer VQA data (VQAv2, GQA), so the same prompt works here.
@@ -488,5 +488,5 @@ def _coco_annotations(scenes: list[Scene]) -> tuple[dict[str, Any], dict[str, An
 
 
 def tiny_corpus() -> list[str]:
-    """The texts the tiny tokenizer is trained on: the synthetic data and the templates' fixed text."""
-    return [*corpus_texts(), *template_fixed_texts()]
+    """The texts the tiny tokenizer is trained on: the synthetic data and a few frozen template texts."""
+    return [*corpus_texts(), *TINY_TOKENIZER_EXTRA_TEXTS]

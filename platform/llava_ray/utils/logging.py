@@ -39,6 +39,9 @@ QUIET_LOGGERS = (
     "alembic",  # MLflow's SQL store migrations
     "torch.distributed",
 )
+# Warns once per process that progress bars are off: the training driver turns Ray Data's bars off
+# on purpose (per-worker bars flood job logs; the progress line says it all).
+RAY_DATA_PROGRESS_LOGGER = "ray.data._internal.progress"
 # Ray Train 2.60 logs every ray.train.report at INFO on a logger named after its module's file.
 RAY_TRAIN_REPORT_MODULE = "ray.train.v2._internal.execution.context"
 # torch 2.13 deprecates the collectives DeepSpeed's ZeRO-3 calls twice per step (hundreds per run).
@@ -88,6 +91,7 @@ def quiet_third_party() -> None:
     level = logging.INFO if verbose_logging() else logging.WARNING
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(level)
+    logging.getLogger(RAY_DATA_PROGRESS_LOGGER).setLevel(logging.INFO if verbose_logging() else logging.ERROR)
     if "transformers" in sys.modules:  # its save/load progress bars ("Writing model shards")
         from transformers.utils import logging as transformers_logging
 
