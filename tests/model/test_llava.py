@@ -521,7 +521,9 @@ def trained(tokenizer):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    assert loss.item() < 0.01, f"the tiny model did not memorise two answers in 200 steps (loss {loss.item():.3f})"
+    assert loss.item() < 0.01, (
+        f"the tiny model did not memorise two answers in 200 steps (loss {loss.item():.3f})"
+    )
     return model.eval()
 
 
