@@ -1,7 +1,9 @@
 """The ``llava-ray`` command line.
 
 Each subcommand parses its arguments, validates the config before any work, and calls the
-package. A bad config exits with status 2 and one message listing every problem.
+package. A bad config exits with status 2 and one message listing every problem. Each handler
+imports its job's module when it runs (the one place lazy imports are the rule): ``--help`` and
+``validate`` do not pay for torch, Ray and MLflow.
 """
 
 from __future__ import annotations
