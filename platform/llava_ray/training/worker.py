@@ -42,6 +42,7 @@ from llava_ray.training.packing import pack_micro_batch, use_segment_attention
 from llava_ray.training.step import StepResult, train_step
 from llava_ray.training.trainable import set_trainable
 from llava_ray.training.validation import Validation
+from llava_ray.utils.compat import skip_deepspeed_cpu_shm_op
 from llava_ray.utils.logging import ensure_logging, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -142,9 +143,7 @@ def setup_engine(
     import deepspeed
 
     if device.type == "cpu":
-        # DeepSpeed's CPU backend JIT-compiles a shared-memory op at its first init on a machine
-        # (minutes on 2 busy cores) that only its inference all-reduce uses; training goes over gloo.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        skip_deepspeed_cpu_shm_op(deepspeed)
     ensure_logging()  # importing DeepSpeed set its logger's level
     seed_everything(config.run.seed)
     tokenizer = load_tokenizer(config.model)

@@ -45,3 +45,13 @@ def llava_image_processor_class() -> type:
     if importlib.util.find_spec("torchvision") is None and hasattr(transformers, "LlavaImageProcessorPil"):
         return transformers.LlavaImageProcessorPil
     return transformers.LlavaImageProcessor
+
+
+def skip_deepspeed_cpu_shm_op(deepspeed: Any) -> None:
+    """Keep DeepSpeed's CPU backend from JIT-compiling its shared-memory op (``deepspeed_shm_comm``).
+
+    DeepSpeed 0.19 compiles it at the first ``initialize`` on a CPU machine (minutes on 2 busy
+    cores), yet only its inference all-reduce uses it; training goes over gloo. Takes the imported
+    module, so this file never imports DeepSpeed itself.
+    """
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
