@@ -1,4 +1,5 @@
-"""Image preprocessing: mode conversion, LLaVA-1.5 padding, crop, resize, limits and decode failures."""
+"""Image preprocessing: mode conversion, LLaVA-1.5 padding, crop, resize, limits, decode failures, and
+the tower's own pad colour and normalisation (CLIP's and SigLIP's)."""
 
 from __future__ import annotations
 
@@ -10,22 +11,27 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from llava_ray.config.model_sources import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, TowerInput
 from llava_ray.data.images import (
-    CLIP_MEAN_RGB,
     WHITE,
     ImageSettings,
     center_crop_square,
     decode_stored_image,
     encode_image,
     fit_aspect,
+    normalize_image,
     open_image,
     pad_to_square,
     process_image,
+    stored_image_array,
     to_rgb,
 )
 from llava_ray.utils.skips import Skipped
 
 RED, GREEN, BLUE = (220, 30, 30), (30, 160, 50), (30, 70, 220)
+CLIP_MEAN_RGB = (122, 116, 104)  # LLaVA-1.5's pad colour with CLIP (int(mean * 255))
+CLIP_64 = TowerInput(size=64, mean=CLIP_MEAN, std=CLIP_STD)
+SIGLIP_64 = TowerInput(size=64, mean=SIGLIP_MEAN, std=SIGLIP_STD)
 
 
 def encoded(image: Image.Image, image_format: str = "PNG", **options) -> bytes:
@@ -60,9 +66,10 @@ def png_header_only(width: int, height: int) -> bytes:
 # --- mode conversion ------------------------------------------------------------------------
 
 
-def test_clip_mean_colour_is_llava_pad_colour() -> None:
-    mean = (0.48145466, 0.4578275, 0.40821073)
-    assert tuple(int(channel * 255) for channel in mean) == CLIP_MEAN_RGB == (122, 116, 104)
+def test_pad_colour_is_the_towers_mean_as_llava_computes_it() -> None:
+    # LLaVA-1.5: tuple(int(x * 255) for x in image_processor.image_mean)
+    assert CLIP_64.pad_color == tuple(int(channel * 255) for channel in CLIP_MEAN) == CLIP_MEAN_RGB
+    assert SIGLIP_64.pad_color == (127, 127, 127)
 
 
 def test_rgba_transparency_is_composited_on_the_background() -> None:
@@ -135,7 +142,7 @@ def test_32_bit_integer_mode_is_read_as_16_bit_range() -> None:
 
 
 def test_pad_centres_a_wide_image_on_the_clip_mean_colour() -> None:
-    square = pad_to_square(Image.new("RGB", (41, 20), RED))
+    square = pad_to_square(Image.new("RGB", (41, 20), RED), CLIP_MEAN_RGB)
     assert square.size == (41, 41)
     grid = pixels(square)
     top = (41 - 20) // 2  # LLaVA-1.5 rounds the offset down: 10 rows above, 11 below
@@ -146,12 +153,12 @@ def test_pad_centres_a_wide_image_on_the_clip_mean_colour() -> None:
 
 
 def test_pad_centres_a_tall_image_horizontally_and_leaves_squares_alone() -> None:
-    grid = pixels(pad_to_square(Image.new("RGB", (20, 40), BLUE)))
+    grid = pixels(pad_to_square(Image.new("RGB", (20, 40), BLUE), CLIP_MEAN_RGB))
     assert grid.shape == (40, 40, 3)
     assert (grid[:, :10] == CLIP_MEAN_RGB).all() and (grid[:, 30:] == CLIP_MEAN_RGB).all()
     assert (grid[:, 10:30] == BLUE).all()
     already = Image.new("RGB", (16, 16), BLUE)
-    assert pad_to_square(already) is already
+    assert pad_to_square(already, CLIP_MEAN_RGB) is already
 
 
 def three_stripes(width: int, height: int) -> Image.Image:
@@ -165,11 +172,11 @@ def test_crop_keeps_the_centre_square() -> None:
     cropped = center_crop_square(three_stripes(60, 20))
     assert cropped.size == (20, 20)
     assert (pixels(cropped) == GREEN).all()
-    assert fit_aspect(three_stripes(60, 20), "crop").size == (20, 20)
+    assert fit_aspect(three_stripes(60, 20), "crop", CLIP_MEAN_RGB).size == (20, 20)
 
 
 def test_resize_stretches_without_padding_or_cropping() -> None:
-    settings = ImageSettings(size=64, aspect="resize", format="png")
+    settings = ImageSettings(tower=CLIP_64, aspect="resize", format="png")
     grid = pixels(decode_stored_image(process_image(encoded(three_stripes(60, 20)), settings)))
     assert grid.shape == (64, 64, 3)
     assert (grid[:, :18] == BLUE).all() and (grid[:, 24:40] == GREEN).all() and (grid[:, 46:] == RED).all()
@@ -177,7 +184,7 @@ def test_resize_stretches_without_padding_or_cropping() -> None:
 
 def test_process_pads_then_resizes_exactly_like_llava() -> None:
     source = three_stripes(128, 64)
-    settings = ImageSettings(size=64, aspect="pad", format="png")
+    settings = ImageSettings(tower=CLIP_64, aspect="pad", format="png")
     stored = decode_stored_image(process_image(encoded(source), settings))
     expected = pad_to_square(source, CLIP_MEAN_RGB).resize((64, 64), Image.Resampling.BICUBIC)
     assert stored.size == (64, 64)
@@ -189,10 +196,10 @@ def test_process_pads_then_resizes_exactly_like_llava() -> None:
 
 def test_jpeg_storage_is_compact_and_close() -> None:
     source = three_stripes(300, 200)
-    settings = ImageSettings(size=64, aspect="pad", format="jpeg", jpeg_quality=95)
+    settings = ImageSettings(tower=CLIP_64, aspect="pad", format="jpeg", jpeg_quality=95)
     data = process_image(encoded(source), settings)
     assert data[:3] == b"\xff\xd8\xff"
-    expected = pad_to_square(source).resize((64, 64), Image.Resampling.BICUBIC)
+    expected = pad_to_square(source, CLIP_MEAN_RGB).resize((64, 64), Image.Resampling.BICUBIC)
     assert np.abs(pixels(decode_stored_image(data)) - pixels(expected)).mean() < 2.0
     assert encode_image(expected, "jpeg", 95) == data
 
@@ -251,10 +258,72 @@ def test_corrupt_body_with_a_valid_header_is_corrupt() -> None:
 
 
 def test_transparency_background_follows_the_aspect() -> None:
-    assert ImageSettings(size=8, aspect="pad").background == CLIP_MEAN_RGB
-    assert ImageSettings(size=8, aspect="crop").background == WHITE
+    clip_8 = TowerInput(size=8, mean=CLIP_MEAN, std=CLIP_STD)
+    assert ImageSettings(tower=clip_8, aspect="pad").background == CLIP_MEAN_RGB
+    assert ImageSettings(tower=clip_8, aspect="crop").background == WHITE
     clear = Image.new("RGBA", (16, 8), (0, 0, 0, 0))
     stored = decode_stored_image(
-        process_image(encoded(clear), ImageSettings(size=8, aspect="pad", format="png"))
+        process_image(encoded(clear), ImageSettings(tower=clip_8, aspect="pad", format="png"))
     )
     assert (pixels(stored) == CLIP_MEAN_RGB).all()
+
+
+# --- the tower's own input: SigLIP is not CLIP ----------------------------------------------
+
+
+def test_a_siglip_tower_pads_with_its_own_mean_colour_not_clips() -> None:
+    """LLaVA-1.5's expand2square with SigLIP's mean (0.5): grey (127, 127, 127) bands, and the same for transparency."""
+    source = three_stripes(128, 64)
+    for aspect_source in (source, source.convert("RGBA")):
+        settings = ImageSettings(tower=SIGLIP_64, aspect="pad", format="png")
+        grid = pixels(decode_stored_image(process_image(encoded(aspect_source), settings)))
+        assert (grid[:14] == 127).all() and (grid[-14:] == 127).all()
+        assert (grid[20:44, 2:18] == BLUE).all()
+    clear = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    stored = process_image(encoded(clear), ImageSettings(tower=SIGLIP_64, aspect="pad", format="png"))
+    assert (pixels(decode_stored_image(stored)) == 127).all()
+
+
+def test_normalisation_uses_the_towers_mean_and_std() -> None:
+    image = Image.new("RGB", (64, 64), (255, 255, 255))
+    image.paste((0, 0, 0), (0, 0, 32, 64))  # left half black, right half white
+    siglip = normalize_image(image, SIGLIP_64)
+    assert siglip.shape == (3, 64, 64) and siglip.dtype == np.float32
+    np.testing.assert_allclose(siglip[:, :, :32], -1.0)  # (0 - 0.5) / 0.5
+    np.testing.assert_allclose(siglip[:, :, 32:], 1.0)  # (1 - 0.5) / 0.5
+    clip = normalize_image(image, CLIP_64)
+    expected_white = (1 - np.asarray(CLIP_MEAN)) / np.asarray(CLIP_STD)
+    np.testing.assert_allclose(clip[:, 0, 40], expected_white, rtol=1e-6)  # about (1.93, 2.07, 2.15)
+    # A stored (prepared) image is read back with the same tower's numbers, at the tower's size.
+    np.testing.assert_array_equal(stored_image_array(encoded(image), SIGLIP_64), siglip)
+    with pytest.raises(ValueError, match=r"prepared image is 64x64, the vision tower takes 32x32"):
+        stored_image_array(encoded(image), TowerInput(size=32, mean=SIGLIP_MEAN, std=SIGLIP_STD))
+
+
+def test_prepare_takes_a_siglip_towers_settings_from_its_folder(tmp_path) -> None:
+    """``prepare``'s settings come from the tower's preprocessor_config.json: SigLIP pads grey, not CLIP-brown."""
+    import json
+
+    from transformers import SiglipVisionConfig
+
+    from llava_ray.config import load_config
+    from llava_ray.config.presets import TINY_TOKENIZER_DIR
+    from llava_ray.conversation.tokenizer import load_tokenizer
+    from llava_ray.data.samples import PrepareSettings
+
+    SiglipVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        image_size=64,
+        patch_size=16,
+    ).save_pretrained(tmp_path)
+    processor = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3, "size": {"height": 64, "width": 64}}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(processor))
+    overrides = [f"model.vision_tower={tmp_path}", "model.language_model=unused/lm", "data.image_aspect=pad"]
+    config = load_config(None, ["model.preset=tiny", f"model.tokenizer={TINY_TOKENIZER_DIR}", *overrides])
+    settings = PrepareSettings.from_config(config, load_tokenizer(config.model))
+    assert settings.image.tower == SIGLIP_64
+    assert settings.image.background == (127, 127, 127)
+    assert settings.image_positions == 16  # SigLIP has no CLS token

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from llava_ray.config.model_sources import tower_input
 from llava_ray.config.schema import ModelConfig
 from llava_ray.conversation.templates import IGNORE_INDEX, tokenize_conversation
 from llava_ray.conversation.tokenizer import load_tokenizer
@@ -60,7 +61,8 @@ def trained_model_dir(tmp_path_factory, tokenizer, synthetic_eval_dir) -> Path:
     items = json.loads((synthetic_eval_dir / "eval.json").read_text())
     positions = model.image_positions
     samples = [tokenize_conversation(item["conversations"], TEMPLATE, tokenizer, positions) for item in items]
-    pixels = torch.stack([load_pixels(str(synthetic_eval_dir / item["image"]), 64) for item in items])
+    tower = tower_input(model.vision_tower.config)
+    pixels = torch.stack([load_pixels(str(synthetic_eval_dir / item["image"]), tower) for item in items])
     input_ids, labels, attention_mask = _batch(samples, tokenizer.pad_token_id)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.0

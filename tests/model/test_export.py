@@ -1,20 +1,38 @@
-"""Export to Hugging Face's LlavaForConditionalGeneration: parity, processor, chat templates, errors."""
+"""Export to Hugging Face's LlavaForConditionalGeneration: parity, published key layout, processor, chat templates,
+errors, and a SigLIP tower's own image settings end to end."""
 
 from __future__ import annotations
+
+import json
+import re
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from safetensors import safe_open
+from transformers import (
+    AutoImageProcessor,
+    AutoProcessor,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaForConditionalGeneration,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
 
+from llava_ray.config.model_sources import TowerInput, tower_input
+from llava_ray.config.presets import PRESETS, TINY_TOKENIZER_DIR
 from llava_ray.config.schema import LoraConfig, ModelConfig
 from llava_ray.conversation.chat_template import chat_template_for
 from llava_ray.conversation.templates import TEMPLATES, get_template, normalize_turns, tokenize_conversation
 from llava_ray.conversation.tokenizer import image_token_id, load_tokenizer
+from llava_ray.data.images import pad_to_square, resize_square
+from llava_ray.evaluation.loaded_model import load_pixels
 from llava_ray.model.build import build_llava_model
 from llava_ray.model.export import export_hf, hf_generation_config, load_hf_llava
 from llava_ray.model.generate import cut_at_markers, end_markers, generate, prompt_input_ids
+from llava_ray.model.llava import LlavaModel
 from llava_ray.training.trainable import set_trainable
 
 TINY = ModelConfig(preset="tiny")
@@ -97,6 +115,48 @@ def test_exported_greedy_generation_matches_ours(exported, tokenizer):
     theirs = cut_at_markers(tokenizer.decode(output[0, len(ids) :]), end_markers("vicuna_v1", tokenizer))
     ours = generate(model, tokenizer, "vicuna_v1", [(QUESTION, pixels(1)[0])], max_new_tokens=12)
     assert ours == [theirs] and theirs
+
+
+def saved_weight_names(out_dir) -> set[str]:
+    names: set[str] = set()
+    for file in out_dir.glob("model*.safetensors"):
+        with safe_open(str(file), "pt") as handle:
+            names.update(handle.keys())
+    return names
+
+
+def test_exported_weights_use_the_published_llava_hf_layout(exported):
+    """llava-hf/llava-1.5-7b-hf's names, which transformers 4.x and serving engines read; transformers 5 loads them too."""
+    model, out_dir, _ = exported
+    names = saved_weight_names(out_dir)
+    assert {
+        re.sub(
+            r"^(language_model\.model|language_model\.lm_head|vision_tower\.vision_model|multi_modal_projector)\..*",
+            r"\1",
+            name,
+        )
+        for name in names
+    } == {
+        "language_model.model",
+        "language_model.lm_head",
+        "vision_tower.vision_model",
+        "multi_modal_projector",
+    }
+    for name in (
+        "vision_tower.vision_model.embeddings.patch_embedding.weight",
+        "vision_tower.vision_model.encoder.layers.1.self_attn.q_proj.weight",
+        "vision_tower.vision_model.post_layernorm.weight",
+        "language_model.model.layers.0.self_attn.q_proj.weight",
+        "language_model.model.embed_tokens.weight",
+        "language_model.lm_head.weight",
+        "multi_modal_projector.linear_1.weight",
+        "multi_modal_projector.linear_2.bias",
+    ):
+        assert name in names
+    # Every weight of ours is there once; transformers 5 reads each back (no key missing, none left over).
+    assert len(names) == len(model.state_dict())
+    _, info = LlavaForConditionalGeneration.from_pretrained(out_dir, output_loading_info=True)
+    assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys"))
 
 
 def test_exported_config_and_processor(exported, tokenizer):
@@ -221,11 +281,6 @@ def test_chat_template_takes_a_system_message(tokenizer):
 
 def test_exported_image_processor_pads_like_prepare(tmp_path):
     """Serving through the exported processor sees the image as training did: padded, not cropped."""
-    import numpy as np
-    from PIL import Image
-    from transformers import AutoImageProcessor
-
-    from llava_ray.data.images import CLIP_MEAN, CLIP_STD, pad_to_square, resize_square
     from llava_ray.model.export import build_processor
 
     config = ModelConfig(preset="tiny")
@@ -236,7 +291,109 @@ def test_exported_image_processor_pads_like_prepare(tmp_path):
     image = Image.new("RGB", (120, 60), (250, 250, 250))
     image.paste((220, 30, 30), (0, 0, 30, 60))  # a red band at the left edge: cropping would cut it off
     served = processor(images=image, return_tensors="pt")["pixel_values"][0].numpy()
-    trained = (
-        np.asarray(resize_square(pad_to_square(image), 64), dtype=np.float32) / 255 - CLIP_MEAN
-    ) / CLIP_STD
+    tower = tower_input(model.vision_tower.config)
+    resized = np.asarray(resize_square(pad_to_square(image, tower.pad_color), 64), dtype=np.float32) / 255
+    trained = (resized - np.asarray(tower.mean, dtype=np.float32)) / np.asarray(tower.std, dtype=np.float32)
     assert np.abs(served - trained.transpose(2, 0, 1)).mean() < 0.05
+
+
+# ---- a SigLIP tower: its own size, mean, std and pad colour, from its folder to the export ----------
+
+# google/siglip-*'s preprocessor_config.json, at the tiny preset's 64 px.
+SIGLIP_PROCESSOR = {
+    "do_normalize": True,
+    "do_rescale": True,
+    "do_resize": True,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_processor_type": "SiglipImageProcessor",
+    "image_std": [0.5, 0.5, 0.5],
+    "resample": 3,
+    "rescale_factor": 0.00392156862745098,
+    "size": {"height": 64, "width": 64},
+}
+
+
+@pytest.fixture(scope="module")
+def siglip_model(tokenizer, tmp_path_factory):
+    """A tiny LLaVA built from local "pretrained" folders: a SigLIP tower (with its preprocessor_config.json) and a Llama."""
+    tower_dir = tmp_path_factory.mktemp("siglip-tower")
+    torch.manual_seed(0)
+    tower = SiglipVisionModel(
+        SiglipVisionConfig(
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=64,
+            patch_size=16,
+        )
+    )
+    tower.save_pretrained(tower_dir)
+    (tower_dir / "preprocessor_config.json").write_text(json.dumps(SIGLIP_PROCESSOR))
+    lm_dir = tmp_path_factory.mktemp("lm")
+    LlamaForCausalLM(
+        LlamaConfig(**{**PRESETS["tiny"].lm_config, "vocab_size": len(tokenizer)})
+    ).save_pretrained(lm_dir)
+    config = ModelConfig(
+        preset="tiny",
+        vision_tower=str(tower_dir),
+        language_model=str(lm_dir),
+        tokenizer=str(TINY_TOKENIZER_DIR),
+    )
+    model = build_llava_model(config, tokenizer, seed=0)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    return model.eval()
+
+
+def test_siglip_export_pads_and_normalises_with_siglips_numbers(siglip_model, tokenizer, tmp_path):
+    """Training's input (prepare + collate, as load_pixels gives it) and the exported processor's agree, and are SigLIP's."""
+    model = siglip_model
+    tower = tower_input(model.vision_tower.config)
+    assert tower == TowerInput(size=64, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    out_dir = export_hf(model, tmp_path / "hf", tokenizer=tokenizer, template="vicuna_v1")
+    written = json.loads((out_dir / "preprocessor_config.json").read_text())
+    assert (written["image_mean"], written["image_std"], written["crop_size"]) == (
+        [0.5] * 3,
+        [0.5] * 3,
+        {"height": 64, "width": 64},
+    )
+    image = Image.new("RGB", (120, 60), (250, 250, 250))
+    image.paste((220, 30, 30), (0, 0, 30, 60))
+    image.save(tmp_path / "wide.png")
+    ours = load_pixels(str(tmp_path / "wide.png"), tower).numpy()
+    # The pad bands are SigLIP's grey (127 -> (127/255 - 0.5) / 0.5), not CLIP's (122, 116, 104).
+    np.testing.assert_allclose(ours[:, :10, 32], (127 / 255 - 0.5) / 0.5, atol=1e-6)
+    served = AutoImageProcessor.from_pretrained(out_dir)(images=image, return_tensors="pt")["pixel_values"][0]
+    assert np.abs(served.numpy() - ours).mean() < 0.02
+    # And the exported model answers as ours does on those pixels.
+    hf_model = LlavaForConditionalGeneration.from_pretrained(out_dir, dtype=torch.float32).eval()
+    assert hf_model.config.vision_feature_select_strategy == "full"  # SigLIP has no CLS to drop
+    ids = torch.tensor([prompt_input_ids(QUESTION, "vicuna_v1", tokenizer, POSITIONS)])
+    with torch.no_grad():
+        difference = (
+            model(ids, pixel_values=served[None]).logits
+            - hf_model(input_ids=ids, pixel_values=served[None]).logits
+        )
+    assert difference.abs().max() < 1e-4
+
+
+def test_siglip_settings_survive_saving_and_loading(siglip_model, tokenizer, tmp_path):
+    """llava-ray's own folder and a Hugging Face folder both bring the tower's numbers back (eval and chat read them)."""
+    expected = tower_input(siglip_model.vision_tower.config)
+    ours_dir = siglip_model.save_pretrained(tmp_path / "ours", tokenizer, template="vicuna_v1")
+    assert tower_input(LlavaModel.from_pretrained(ours_dir).vision_tower.config) == expected
+    hf_dir = export_hf(ours_dir, tmp_path / "hf")
+    assert tower_input(load_hf_llava(hf_dir).vision_tower.config) == expected
+    # A published-style folder whose vision config records nothing: its preprocessor_config.json decides.
+    config = json.loads((hf_dir / "config.json").read_text())
+    for key in ("image_mean", "image_std"):
+        del config["vision_config"][key]
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    processor = json.loads((hf_dir / "preprocessor_config.json").read_text())
+    processor["image_mean"] = processor["image_std"] = [0.25, 0.25, 0.25]
+    (hf_dir / "preprocessor_config.json").write_text(json.dumps(processor))
+    (hf_dir / "processor_config.json").unlink()  # transformers 5 would read its nested copy first
+    assert tower_input(load_hf_llava(hf_dir).vision_tower.config).mean == (0.25, 0.25, 0.25)

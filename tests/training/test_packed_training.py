@@ -11,6 +11,7 @@ import ray.train
 import torch
 
 from llava_ray.config import load_config
+from llava_ray.config.model_sources import build_vision_config, tower_input
 from llava_ray.config.schema import ModelConfig
 from llava_ray.conversation.templates import IGNORE_INDEX
 from llava_ray.conversation.tokenizer import image_token_id
@@ -22,7 +23,8 @@ from llava_ray.training.step import PlainEngine, train_step
 from llava_ray.training.trainable import set_trainable
 from llava_ray.training.worker import micro_batches
 
-IMAGE_SIZE = 64
+TINY_VISION = build_vision_config(ModelConfig(preset="tiny"))
+TINY_TOWER = tower_input(TINY_VISION)  # 64 px images
 IMAGE_POSITIONS = 16  # the tiny preset: 64 px images in 16 px patches
 CPU = torch.device("cpu")
 
@@ -69,8 +71,8 @@ def test_packed_and_padded_steps_give_the_same_loss_and_gradients(
     rows = {"image_and_text": image[:5] + text[:3], "text_only": text[:4], "image_only": image[:6]}[kind]
     groups = micro_batch_rows(rows, micro=3)
     pad_id = tiny_tokenizer.pad_token_id
-    padded = [collate_rows(group, pad_id, IMAGE_SIZE) for group in groups]
-    packed = [pack_micro_batch(group, pad_id, IMAGE_SIZE) for group in groups]
+    padded = [collate_rows(group, pad_id, TINY_TOWER) for group in groups]
+    packed = [pack_micro_batch(group, pad_id, TINY_TOWER) for group in groups]
     # As the loop sets up packed training: per-sample attention without any mask.
     packed_model = copy.deepcopy(stock_model)
     use_segment_attention(packed_model.language_model)
@@ -147,7 +149,7 @@ def test_the_loop_packs_exactly_the_scheduled_samples(stage2_rows, tiny_tokenize
         for rank in range(world_size)
     }
     monkeypatch.setattr(ray.train, "get_dataset_shard", shards.__getitem__)
-    model = SimpleNamespace(vision_tower=SimpleNamespace(config=SimpleNamespace(image_size=IMAGE_SIZE)))
+    model = SimpleNamespace(vision_tower=SimpleNamespace(config=TINY_VISION))
     pad_id = tiny_tokenizer.pad_token_id
     accumulation = global_batch // (micro * world_size)
 
@@ -170,7 +172,7 @@ def test_the_loop_packs_exactly_the_scheduled_samples(stage2_rows, tiny_tokenize
                 assert sample["labels"] == [IGNORE_INDEX, *row["labels"][1:]]
                 assert len(sample["images"]) == len(row["images"])
                 for tensor, data in zip(sample["images"], row["images"], strict=True):
-                    torch.testing.assert_close(tensor, image_to_tensor(data, IMAGE_SIZE), rtol=0, atol=0)
+                    torch.testing.assert_close(tensor, image_to_tensor(data, TINY_TOWER), rtol=0, atol=0)
             assert int(batch["num_supervised"]) == int(supervised[rows].sum())
             step_supervised[k // accumulation] += int(batch["num_supervised"])
         # Resuming after a step skips exactly that step's micro-batches.

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from llava_ray.config.model_sources import build_vision_config, tower_input
 from llava_ray.config.schema import ModelConfig
 from llava_ray.conversation.templates import IGNORE_INDEX
 from llava_ray.model.build import build_llava_model
@@ -24,7 +25,7 @@ from llava_ray.training.packing import (
 )
 from llava_ray.training.trainable import set_trainable
 
-IMAGE_SIZE = 64
+TINY_TOWER = tower_input(build_vision_config(ModelConfig(preset="tiny")))  # 64 px images
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "position_ids")
 
 
@@ -66,8 +67,8 @@ def test_first_fit_decreasing_fills_rows_and_never_splits_a_sample():
 def test_pack_rows_keys_counts_positions_and_boundary_labels(mixed_rows, tiny_tokenizer):
     lengths = [len(row["input_ids"]) for row in mixed_rows]
     budget = 2 * max(lengths)
-    packed = pack_rows(mixed_rows, budget, tiny_tokenizer.pad_token_id, IMAGE_SIZE)
-    padded = collate_rows(mixed_rows, tiny_tokenizer.pad_token_id, IMAGE_SIZE)
+    packed = pack_rows(mixed_rows, budget, tiny_tokenizer.pad_token_id, TINY_TOWER)
+    padded = collate_rows(mixed_rows, tiny_tokenizer.pad_token_id, TINY_TOWER)
     rows, width = packed["input_ids"].shape
     assert rows < len(mixed_rows) and width <= budget
     assert "attention_mask" not in packed  # per-sample attention comes from position_ids
@@ -92,7 +93,7 @@ def test_pack_rows_keys_counts_positions_and_boundary_labels(mixed_rows, tiny_to
         assert (packed["input_ids"][r, start:] == tiny_tokenizer.pad_token_id).all()
         assert (packed["labels"][r, start:] == IGNORE_INDEX).all()
     # Images in packed order: the order in which the model meets their placeholders.
-    expected = torch.stack([image_to_tensor(data, IMAGE_SIZE) for data in images])
+    expected = torch.stack([image_to_tensor(data, TINY_TOWER) for data in images])
     torch.testing.assert_close(packed["pixel_values"], expected, rtol=0, atol=0)
 
 
@@ -121,8 +122,8 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(
     model = segment_model if kernel == "segments" else tiny_model
     pad_id = tiny_tokenizer.pad_token_id
     micro_batches = [mixed_rows[i : i + 3] for i in range(0, len(mixed_rows), 3)]
-    padded = [collate_rows(rows, pad_id, IMAGE_SIZE) for rows in micro_batches]
-    packed = [pack_micro_batch(rows, pad_id, IMAGE_SIZE) for rows in micro_batches]
+    padded = [collate_rows(rows, pad_id, TINY_TOWER) for rows in micro_batches]
+    packed = [pack_micro_batch(rows, pad_id, TINY_TOWER) for rows in micro_batches]
     assert all(batch["input_ids"].shape[0] == 1 for batch in packed)
     loss_padded, grads_padded = loss_and_grads(tiny_model, padded)
     loss_packed, grads_packed = loss_and_grads(model, packed)
@@ -149,10 +150,10 @@ def test_each_packed_sample_sees_only_itself(mixed_rows, tiny_tokenizer, tiny_mo
     model = segment_model if kernel == "segments" else tiny_model
     lengths = [len(row["input_ids"]) for row in mixed_rows]
     budget = 3 * max(lengths)
-    packed = pack_rows(mixed_rows, budget, tiny_tokenizer.pad_token_id, IMAGE_SIZE)
+    packed = pack_rows(mixed_rows, budget, tiny_tokenizer.pad_token_id, TINY_TOWER)
     pieces = per_sample_logits(model, packed, lengths, first_fit_decreasing(lengths, budget))
     for i, row in enumerate(mixed_rows):
-        alone = collate_rows([row], tiny_tokenizer.pad_token_id, IMAGE_SIZE)
+        alone = collate_rows([row], tiny_tokenizer.pad_token_id, TINY_TOWER)
         with torch.no_grad():
             expected = tiny_model(**model_inputs(alone)).logits[0]
         torch.testing.assert_close(pieces[i], expected, rtol=1e-4, atol=1e-4, msg=f"sample {i}")
@@ -164,7 +165,7 @@ def test_cross_sample_attention_would_be_caught(mixed_rows, tiny_tokenizer, tiny
     lengths = [len(row["input_ids"]) for row in mixed_rows]
     budget = 3 * max(lengths)
     bins = first_fit_decreasing(lengths, budget)
-    packed = pack_rows(mixed_rows, budget, tiny_tokenizer.pad_token_id, IMAGE_SIZE)
+    packed = pack_rows(mixed_rows, budget, tiny_tokenizer.pad_token_id, TINY_TOWER)
     with torch.no_grad():
         leaky = tiny_model(**model_inputs(packed), use_cache=True).logits
         exact = tiny_model(**model_inputs(packed)).logits
@@ -178,7 +179,7 @@ def test_cross_sample_attention_would_be_caught(mixed_rows, tiny_tokenizer, tiny
 def test_segment_attention_leaves_padded_batches_and_generation_alone(
     mixed_rows, tiny_tokenizer, tiny_model, segment_model
 ):
-    padded = collate_rows(mixed_rows[:3], tiny_tokenizer.pad_token_id, IMAGE_SIZE)
+    padded = collate_rows(mixed_rows[:3], tiny_tokenizer.pad_token_id, TINY_TOWER)
     with torch.no_grad():
         stock = tiny_model(**model_inputs(padded)).logits
         ours = segment_model(**model_inputs(padded)).logits
@@ -214,8 +215,8 @@ def test_pack_rows_takes_rows_as_ray_data_hands_them_over(mixed_rows, tiny_token
         )
         for key in ("input_ids", "labels", "images")
     }
-    from_ray = pack_rows(rows_from_columns(columns), 512, tiny_tokenizer.pad_token_id, IMAGE_SIZE)
-    from_lists = pack_rows(mixed_rows, 512, tiny_tokenizer.pad_token_id, IMAGE_SIZE)
+    from_ray = pack_rows(rows_from_columns(columns), 512, tiny_tokenizer.pad_token_id, TINY_TOWER)
+    from_lists = pack_rows(mixed_rows, 512, tiny_tokenizer.pad_token_id, TINY_TOWER)
     assert from_ray.keys() == from_lists.keys()
     for key, value in from_lists.items():
         assert torch.equal(from_ray[key], value), key
@@ -255,7 +256,7 @@ def test_varlen_attention_falls_back_to_the_per_segment_calls_off_cuda(
     varlen_model = copy.deepcopy(tiny_model)
     use_segment_attention(varlen_model.language_model, "varlen")
     assert varlen_model.language_model.config._attn_implementation == "llava_ray_varlen"
-    batch = pack_micro_batch(mixed_rows[:4], tiny_tokenizer.pad_token_id, IMAGE_SIZE)
+    batch = pack_micro_batch(mixed_rows[:4], tiny_tokenizer.pad_token_id, TINY_TOWER)
     with torch.no_grad():
         expected = segment_model(**model_inputs(batch)).loss
         got = varlen_model(**model_inputs(batch)).loss

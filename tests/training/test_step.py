@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from llava_ray.config import load_config
+from llava_ray.config.model_sources import CLIP_MEAN, CLIP_STD, TowerInput, build_vision_config, tower_input
+from llava_ray.config.schema import ModelConfig
 from llava_ray.conversation.templates import IGNORE_INDEX
-from llava_ray.data.images import CLIP_MEAN, CLIP_STD
 from llava_ray.model.build import build_llava_model
 from llava_ray.training.collate import collate_rows
 from llava_ray.training.optim import build_optimizer, build_scheduler, deepspeed_config
@@ -15,11 +16,12 @@ from llava_ray.training.step import PlainEngine, train_step
 from llava_ray.training.trainable import set_trainable
 
 CPU = torch.device("cpu")
+TINY_TOWER = tower_input(build_vision_config(ModelConfig(preset="tiny")))  # 64 px, CLIP's mean and std
 
 
 def test_collate_pads_right_and_counts_tokens(stage2_rows, tiny_tokenizer):
     rows = stage2_rows[:4]
-    batch = collate_rows(rows, tiny_tokenizer.pad_token_id, 64)
+    batch = collate_rows(rows, tiny_tokenizer.pad_token_id, TINY_TOWER)
     longest = max(len(r["input_ids"]) for r in rows)
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (4, longest)
     for i, row in enumerate(rows):
@@ -33,14 +35,15 @@ def test_collate_pads_right_and_counts_tokens(stage2_rows, tiny_tokenizer):
     images = sum(len(r["images"]) for r in rows)
     assert batch["pixel_values"].shape == (images, 3, 64, 64)
     # A white-ish pixel normalises with CLIP's statistics.
-    assert batch["pixel_values"].max() <= float(((1 - CLIP_MEAN) / CLIP_STD).max()) + 1e-5
+    white = max((1 - m) / s for m, s in zip(CLIP_MEAN, CLIP_STD, strict=True))
+    assert batch["pixel_values"].max() <= white + 1e-5
 
 
 def test_collate_refuses_images_of_the_wrong_size(stage2_rows, tiny_tokenizer):
     with pytest.raises(
         ValueError, match=r"prepared image is 64x64, the vision tower takes 32x32; prepare the data again"
     ):
-        collate_rows(stage2_rows[:1], tiny_tokenizer.pad_token_id, 32)
+        collate_rows(stage2_rows[:1], tiny_tokenizer.pad_token_id, TowerInput(32, CLIP_MEAN, CLIP_STD))
 
 
 def make_engine(config, tokenizer, accumulation, seed=0):
@@ -58,7 +61,8 @@ def run_steps(config, tokenizer, rows, micro, steps=2):
     for step in range(steps):
         batch_rows = rows[step * 8 : (step + 1) * 8]
         batches = [
-            collate_rows(batch_rows[i : i + micro], tokenizer.pad_token_id, 64) for i in range(0, 8, micro)
+            collate_rows(batch_rows[i : i + micro], tokenizer.pad_token_id, TINY_TOWER)
+            for i in range(0, 8, micro)
         ]
         step_tokens = sum(int(b["num_supervised"]) for b in batches)
         losses.append(train_step(engine, batches, step_tokens, 1, CPU).loss_sum)
@@ -94,7 +98,7 @@ def test_loss_is_the_mean_over_supervised_tokens(stage2_rows, tiny_tokenizer):
     config = load_config(None, ["model.preset=tiny", "train.global_batch_size=8", "train.micro_batch_size=4"])
     engine = make_engine(config, tiny_tokenizer, accumulation=2)
     reference = copy.deepcopy(engine.module)
-    batches = [collate_rows(stage2_rows[i : i + 4], tiny_tokenizer.pad_token_id, 64) for i in (0, 4)]
+    batches = [collate_rows(stage2_rows[i : i + 4], tiny_tokenizer.pad_token_id, TINY_TOWER) for i in (0, 4)]
     total = sum(int(b["num_supervised"]) for b in batches)
     result = train_step(engine, batches, total, 1, CPU)
     with torch.no_grad():
@@ -136,5 +140,5 @@ def test_collate_takes_ray_datas_empty_image_arrays(stage2_rows, tiny_tokenizer)
 
     text_only = next(row for row in stage2_rows if not row["images"])
     as_ray_data_gives_it = {**text_only, "images": np.array([], dtype=object)}
-    batch = collate_rows([as_ray_data_gives_it], tiny_tokenizer.pad_token_id, 64)
+    batch = collate_rows([as_ray_data_gives_it], tiny_tokenizer.pad_token_id, TINY_TOWER)
     assert "pixel_values" not in batch

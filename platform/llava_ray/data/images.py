@@ -10,11 +10,15 @@ One function per step, each usable alone (the tests call them one by one):
   colour instead of being dropped to black, 16- and 32-bit greyscale is scaled to 8 bits instead
   of being clipped (Pillow's ``convert`` clips ``I;16`` values above 255 to white).
 - :func:`fit_aspect` applies ``data.image_aspect``: ``pad`` (LLaVA-1.5's ``expand2square``: the
-  image centred on a square of CLIP's mean colour), ``crop`` (centre square) or ``resize``.
-- :func:`process_image` chains them, resizes to the vision tower's size (bicubic, as CLIP's image
-  processor does) and encodes the result compactly (JPEG or PNG bytes, never float tensors).
-- :func:`normalize_image` / :func:`stored_image_array`: the one place CLIP's mean and std are applied,
-  for training batches (``training.collate``), evaluation and chat alike. NumPy arrays: no torch here.
+  image centred on a square of the tower's mean colour), ``crop`` (centre square) or ``resize``.
+- :func:`process_image` chains them, resizes to the vision tower's size (bicubic, as CLIP's and
+  SigLIP's image processors do) and encodes the result compactly (JPEG or PNG bytes, never float tensors).
+- :func:`normalize_image` / :func:`stored_image_array`: the one place the tower's mean and std are
+  applied, for training batches (``training.collate``), evaluation and chat alike. NumPy arrays: no torch here.
+
+Size, mean, std and pad colour are the tower's own (:class:`~llava_ray.config.model_sources.TowerInput`,
+read from its image-processor config), never CLIP's by default: a SigLIP tower pads with (127, 127, 127)
+and normalises with 0.5 / 0.5.
 """
 
 from __future__ import annotations
@@ -27,12 +31,9 @@ from typing import Literal
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from llava_ray.config.model_sources import TowerInput
 from llava_ray.utils.skips import Skipped
 
-# CLIP's normalisation mean as 8-bit RGB: what LLaVA-1.5 pads non-square images with.
-CLIP_MEAN_RGB = (122, 116, 104)
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 WHITE = (255, 255, 255)
 
 Aspect = Literal["pad", "crop", "resize"]
@@ -46,16 +47,21 @@ _HIGH_BIT_GREY_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 class ImageSettings:
     """How a source image becomes a stored one."""
 
-    size: int  # the vision tower's input side, in pixels
+    tower: TowerInput  # the vision tower's input: side, and the mean its pad colour comes from
     aspect: Aspect = "pad"
     format: ImageFormat = "jpeg"
     jpeg_quality: int = 95
     max_pixels: int = 89_478_485
 
     @property
+    def size(self) -> int:
+        """The vision tower's input side, in pixels."""
+        return self.tower.size
+
+    @property
     def background(self) -> tuple[int, int, int]:
         """Transparent pixels are composited on the pad colour when padding, else on white."""
-        return CLIP_MEAN_RGB if self.aspect == "pad" else WHITE
+        return self.tower.pad_color if self.aspect == "pad" else WHITE
 
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
@@ -123,7 +129,7 @@ def _high_bit_grey_to_rgb(image: Image.Image) -> Image.Image:
     return Image.fromarray(grey, mode="L").convert("RGB")
 
 
-def pad_to_square(image: Image.Image, fill: tuple[int, int, int] = CLIP_MEAN_RGB) -> Image.Image:
+def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
     """LLaVA-1.5's ``expand2square``: the image centred on a square of ``fill`` (offset rounded down)."""
     width, height = image.size
     if width == height:
@@ -142,7 +148,7 @@ def center_crop_square(image: Image.Image) -> Image.Image:
     return image.crop((left, top, left + side, top + side))
 
 
-def fit_aspect(image: Image.Image, aspect: Aspect, fill: tuple[int, int, int] = CLIP_MEAN_RGB) -> Image.Image:
+def fit_aspect(image: Image.Image, aspect: Aspect, fill: tuple[int, int, int]) -> Image.Image:
     """Make the image square as ``data.image_aspect`` says (``resize`` leaves it to the resize step)."""
     if aspect == "pad":
         return pad_to_square(image, fill)
@@ -171,7 +177,7 @@ def encode_image(image: Image.Image, image_format: ImageFormat, jpeg_quality: in
 def transform_image(image: Image.Image, settings: ImageSettings) -> Image.Image:
     """A decoded image as the vision tower sees it: RGB, square, ``settings.size`` pixels wide."""
     rgb = to_rgb(image, settings.background)
-    return resize_square(fit_aspect(rgb, settings.aspect), settings.size)
+    return resize_square(fit_aspect(rgb, settings.aspect, settings.tower.pad_color), settings.size)
 
 
 def process_image(data: bytes, settings: ImageSettings) -> bytes:
@@ -186,18 +192,20 @@ def decode_stored_image(data: bytes) -> Image.Image:
         return image.convert("RGB")
 
 
-def normalize_image(image: Image.Image) -> np.ndarray:
-    """An RGB image as the vision tower's input: float32 ``(3, H, W)`` normalised with CLIP's mean and std."""
+def normalize_image(image: Image.Image, tower: TowerInput) -> np.ndarray:
+    """An RGB image as the vision tower's input: float32 ``(3, H, W)`` normalised with the tower's mean and std."""
     array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    return ((array - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1).copy()
+    mean, std = np.asarray(tower.mean, dtype=np.float32), np.asarray(tower.std, dtype=np.float32)
+    return ((array - mean) / std).transpose(2, 0, 1).copy()
 
 
-def stored_image_array(data: bytes, image_size: int) -> np.ndarray:
-    """A stored (prepared) image as a normalised ``(3, S, S)`` array; it must already be ``image_size`` wide."""
+def stored_image_array(data: bytes, tower: TowerInput) -> np.ndarray:
+    """A stored (prepared) image as a normalised ``(3, S, S)`` array; it must already be ``tower.size`` wide."""
+    size = tower.size
     with Image.open(io.BytesIO(data)) as image:
-        if image.size != (image_size, image_size):
+        if image.size != (size, size):
             raise ValueError(
-                f"prepared image is {image.size[0]}x{image.size[1]}, the vision tower takes {image_size}x{image_size}; "
+                f"prepared image is {image.size[0]}x{image.size[1]}, the vision tower takes {size}x{size}; "
                 "prepare the data again with this model preset"
             )
-        return normalize_image(image)
+        return normalize_image(image, tower)

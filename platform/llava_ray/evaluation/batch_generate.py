@@ -117,7 +117,7 @@ class Predictor:
                 "prompt_too_long",
                 f"{length} prompt positions + {self.settings.max_new_tokens} new tokens > the model's {limit}",
             )
-        pixels = load_pixels(image, self.loaded.image_size, self.settings.image_aspect) if image else None
+        pixels = load_pixels(image, self.loaded.tower_input, self.settings.image_aspect) if image else None
         return conversation, pixels
 
 

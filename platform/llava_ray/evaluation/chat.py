@@ -10,8 +10,8 @@ turn sees the whole history. Run it as ``llava-ray chat --model RUN/final --imag
     /prompt       show the conversation as the model sees it (rendered with its template)
     /quit         leave (so does end of input, Ctrl-D)
 
-Images go through the same preprocessing as training (pad to a square in CLIP's mean colour,
-resize; :func:`llava_ray.evaluation.loaded_model.load_pixels`). LLaVA is trained with one image at
+Images go through the same preprocessing as training (pad to a square in the tower's mean colour,
+resize, the tower's normalisation; :func:`llava_ray.evaluation.loaded_model.load_pixels`). LLaVA is trained with one image at
 the start of a conversation; later images work but are outside what it was trained on.
 """
 
@@ -128,7 +128,7 @@ class ChatSession:
 
     def attach_image(self, path: str) -> None:
         """The image goes with the next message; raises Skipped when it cannot be used."""
-        self.pending_image = load_pixels(path, self.loaded.image_size, self.image_aspect)
+        self.pending_image = load_pixels(path, self.loaded.tower_input, self.image_aspect)
 
     def reset(self) -> None:
         self.turns, self.images, self.pending_image = [], [], None

@@ -8,8 +8,8 @@ Shared by the evaluation runner (one :class:`InferenceModel` per Ray actor) and 
   llava-ray stored with the model, else the one a Hugging Face export's chat template renders,
   else the tokenizer's own chat template.
 - :func:`load_pixels` turns an image file into a ``(3, S, S)`` tensor exactly as ``prepare``
-  does for training (decode, RGB, pad to a square in CLIP's mean colour, bicubic resize, CLIP
-  normalisation), raising :class:`~llava_ray.utils.skips.Skipped` with a counted reason
+  does for training (decode, RGB, pad to a square in the tower's mean colour, bicubic resize, the
+  tower's normalisation: :class:`~llava_ray.config.model_sources.TowerInput`), raising :class:`~llava_ray.utils.skips.Skipped` with a counted reason
   (``image_missing``, ``corrupt_image``, ...) when it cannot.
 """
 
@@ -22,11 +22,12 @@ from typing import Any
 
 import fsspec
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
+from llava_ray.config.model_sources import TowerInput, tower_input
 from llava_ray.conversation.chat_template import chat_template_for
 from llava_ray.conversation.templates import TEMPLATES
-from llava_ray.conversation.tokenizer import ensure_special_tokens
+from llava_ray.conversation.tokenizer import load_tokenizer_dir
 from llava_ray.data.images import (
     Aspect,
     ImageSettings,
@@ -53,8 +54,9 @@ class InferenceModel:
     source: str
 
     @property
-    def image_size(self) -> int:
-        return self.model.vision_tower.config.image_size
+    def tower_input(self) -> TowerInput:
+        """The images the vision tower takes: side, mean and std, as the model was trained with."""
+        return tower_input(self.model.vision_tower.config)
 
     @property
     def max_positions(self) -> int | None:
@@ -63,7 +65,11 @@ class InferenceModel:
 
     def prompt_length(self, conversation: Sequence[dict[str, Any]]) -> int:
         """Sequence positions of a generation prompt, each ``<image>`` expanded."""
-        return len(prompt_input_ids(conversation, self.template, self.tokenizer, self.model.image_positions))
+        model = self.model
+        ids = prompt_input_ids(
+            conversation, self.template, self.tokenizer, model.image_positions, model.tokenization
+        )
+        return len(ids)
 
 
 def load_inference_model(source: str, template: str | None = None, device: str = "cpu") -> InferenceModel:
@@ -81,7 +87,7 @@ def load_inference_model(source: str, template: str | None = None, device: str =
             f"{source} holds no tokenizer (tokenizer_config.json); save the model with its tokenizer "
             "(LlavaModel.save_pretrained(dir, tokenizer) or export_hf)"
         )
-    tokenizer = ensure_special_tokens(AutoTokenizer.from_pretrained(path))
+    tokenizer = load_tokenizer_dir(path, source=source)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = model.to(device=device, dtype=dtype).eval()
     return InferenceModel(model, tokenizer, resolve_template(model, tokenizer, template, source), source)
@@ -128,8 +134,8 @@ def read_image(location: str) -> bytes:
         raise Skipped("image_missing", f"no image file at {location}") from None
 
 
-def load_pixels(location: str, image_size: int, aspect: Aspect = "pad") -> torch.Tensor:
-    """The normalised ``(3, S, S)`` input of an image file, as ``prepare`` stores it for training."""
-    settings = ImageSettings(size=image_size, aspect=aspect, format="png")
+def load_pixels(location: str, tower: TowerInput, aspect: Aspect = "pad") -> torch.Tensor:
+    """The normalised ``(3, S, S)`` input of an image file, as ``prepare`` and ``collate`` make it for training."""
+    settings = ImageSettings(tower=tower, aspect=aspect, format="png")
     image = transform_image(open_image(read_image(location), settings.max_pixels), settings)
-    return torch.from_numpy(normalize_image(image))
+    return torch.from_numpy(normalize_image(image, tower))

@@ -7,8 +7,19 @@ LM, with ``<image>`` expanded by a ``LlavaProcessor`` into one token per image p
 a chat template that renders the training template exactly); :func:`load_hf_llava` reads one back
 as a :class:`LlavaModel` (``model.init_from`` uses it, e.g. for ``llava-hf/llava-1.5-7b-hf``).
 
-Both directions move whole submodules between the two classes instead of renaming keys by hand,
-so transformers' own checkpoint conversions (older key layouts, sharding) apply unchanged.
+The weights are written under the published llava-hf names (:func:`published_state_dict`:
+``language_model.model.*``, ``language_model.lm_head.*``, ``vision_tower.vision_model.*``,
+``multi_modal_projector.*``), the layout of ``llava-hf/llava-1.5-7b-hf`` that transformers 4.x,
+transformers 5 (through its checkpoint conversion mapping) and serving engines all read; transformers 5
+would otherwise save its flattened vision tower (``vision_tower.embeddings.*``), which 4.x cannot load.
+The image processor carries the tower's own size, mean and std
+(:class:`~llava_ray.config.model_sources.TowerInput`), so it pads and normalises as training did.
+``config.json`` records ``llava_ray_tokenization`` (``data.tokenization``); a folder without it,
+such as llava-hf's conversions of the official weights, loads as ``llava``, the reference's own
+tokenization, which those weights were trained with.
+
+Loading moves whole submodules from transformers' model into ours, so its own checkpoint
+conversions (older key layouts, sharding) apply unchanged.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -30,8 +42,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from llava_ray.config.model_sources import read_image_processor_config, tower_input, with_image_processing
 from llava_ray.conversation.chat_template import chat_template_for
 from llava_ray.conversation.tokenizer import IMAGE_TOKEN
 from llava_ray.model.generate import end_markers
@@ -40,6 +52,7 @@ from llava_ray.utils.compat import llava_image_processor_class
 from llava_ray.utils.storage import local_copy
 
 HF_PROJECTOR = "mlp2x_gelu"
+TOKENIZATION_KEY = "llava_ray_tokenization"  # config.json: how the training text became ids
 SELECT_STRATEGY = {"patch": "default", "cls_patch": "full"}  # llava-ray name -> Hugging Face name
 
 
@@ -69,8 +82,17 @@ def export_hf(
     out_dir = Path(out_dir)
     hf_model = to_hf_model(model)
     hf_model.generation_config = hf_generation_config(tokenizer, template)
-    hf_model.save_pretrained(out_dir)
-    build_processor(model, tokenizer, template).save_pretrained(out_dir)
+    published = published_state_dict(model)
+    # save_original_format=False: the names are already the published ones; transformers' reverse
+    # conversion would rename them again (language_model.model.model.*).
+    names = set(published)  # before saving: save_pretrained edits the dict it is given
+    hf_model.save_pretrained(out_dir, state_dict=published, save_original_format=False)
+    check_saved_keys(out_dir, names)
+    processor = build_processor(model, tokenizer, template)
+    processor.save_pretrained(out_dir)
+    # transformers 5 nests the image processor in processor_config.json; 4.x and serving engines read
+    # preprocessor_config.json (5 reads it too when the nested one is absent: the same settings).
+    processor.image_processor.save_pretrained(out_dir)
     return out_dir
 
 
@@ -99,6 +121,8 @@ def hf_config(model: LlavaModel) -> LlavaConfig:
         vision_feature_select_strategy=hf_select_strategy(model),
         multimodal_projector_bias=True,
         tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
+        # How the training text became ids (data.tokenization); transformers keeps unknown keys.
+        **{TOKENIZATION_KEY: model.tokenization},
     )
 
 
@@ -124,6 +148,48 @@ def to_hf_model(model: LlavaModel) -> LlavaForConditionalGeneration:
     return hf_model
 
 
+def published_state_dict(model: LlavaModel) -> dict[str, torch.Tensor]:
+    """The model's weights under the published llava-hf names (``llava-hf/llava-1.5-7b-hf``'s layout).
+
+    transformers 5 keeps a CLIP or SigLIP tower's weights without the ``vision_model.`` level
+    (``embeddings.*``); the published layout, and transformers 4.x, have it. A tied LM head is
+    left out, as transformers saves it.
+    """
+    state: dict[str, torch.Tensor] = {}
+    for key, tensor in model.vision_tower.state_dict().items():
+        inner = key if key.startswith("vision_model.") else f"vision_model.{key}"
+        state[f"vision_tower.{inner}"] = tensor
+    for index, name in ((0, "linear_1"), (2, "linear_2")):
+        for key, tensor in model.projector[index].state_dict().items():
+            state[f"multi_modal_projector.{name}.{key}"] = tensor
+    language_model = model.language_model
+    head = language_model.get_output_embeddings()
+    tied = head is not None and head.weight is language_model.get_input_embeddings().weight
+    head_prefix = (
+        next(name for name, module in language_model.named_modules() if module is head) if tied else None
+    )
+    for key, tensor in language_model.state_dict().items():
+        if head_prefix is not None and key == f"{head_prefix}.weight":
+            continue
+        state[f"language_model.{key}"] = tensor
+    return state
+
+
+def check_saved_keys(out_dir: Path, expected: set[str]) -> None:
+    """Raise unless the folder's weight files hold exactly ``expected`` (transformers renames on save)."""
+    files = sorted(out_dir.glob("model*.safetensors"))
+    saved: set[str] = set()
+    for file in files:
+        with safe_open(str(file), "pt") as handle:
+            saved.update(handle.keys())
+    if saved != expected:
+        raise RuntimeError(
+            f"the exported weights in {out_dir} are not in the published llava-hf layout: "
+            f"unexpected {sorted(saved - expected)[:5]}, missing {sorted(expected - saved)[:5]}; this transformers "
+            "version renamed them on save (report it with `pip show transformers`)"
+        )
+
+
 def hf_generation_config(tokenizer: PreTrainedTokenizerBase, template: str | None) -> GenerationConfig:
     """Greedy defaults that stop at EOS and at the template's end marker when it is one token."""
     stop_ids = [tokenizer.eos_token_id]
@@ -143,16 +209,19 @@ def hf_generation_config(tokenizer: PreTrainedTokenizerBase, template: str | Non
 def build_processor(
     model: LlavaModel, tokenizer: PreTrainedTokenizerBase, template: str | None
 ) -> LlavaProcessor:
-    """A ``LlavaProcessor`` that expands ``<image>`` to the model's image positions, with the chat template."""
+    """A ``LlavaProcessor`` that expands ``<image>`` to the model's image positions, with the chat template.
+
+    Its image processor is the tower's (size, mean, std) and pads to a square in the mean colour
+    before resizing, as ``prepare`` does by default (LLaVA-1.5's ``expand2square``).
+    """
     vision_config = model.vision_tower.config
-    size = vision_config.image_size
-    # LLaVA-1.5 pads to a square in the CLIP mean colour before resizing, as `prepare` does by default.
+    tower = tower_input(vision_config)
     image_processor = llava_image_processor_class()(
         do_pad=True,
-        size={"shortest_edge": size},
-        crop_size={"height": size, "width": size},
-        image_mean=list(OPENAI_CLIP_MEAN),
-        image_std=list(OPENAI_CLIP_STD),
+        size={"shortest_edge": tower.size},
+        crop_size={"height": tower.size, "width": tower.size},
+        image_mean=list(tower.mean),
+        image_std=list(tower.std),
         do_convert_rgb=True,
     )
     tokenizer = copy.deepcopy(tokenizer)  # the chat template is set on the copy, not the caller's tokenizer
@@ -184,6 +253,7 @@ def load_hf_llava(path: str | Path) -> LlavaModel:
 
     transformers reads the weights (safetensors, or ``.bin`` with ``weights_only``) and applies its
     key conversions; every missing, unexpected or misshapen key is an error, never a random init.
+    The folder's image processor (``preprocessor_config.json``) gives the tower's mean and std.
     """
     path = Path(local_copy(str(path)))
     if not is_hf_llava_dir(path):
@@ -193,13 +263,20 @@ def load_hf_llava(path: str | Path) -> LlavaModel:
     config = hf_model.config
     _check_convertible(config, path)
     language_model = _causal_lm_from(hf_model)
+    vision_tower = hf_model.model.vision_tower
+    vision_tower.config = with_image_processing(
+        vision_tower.config, read_image_processor_config(str(path)), where=str(path)
+    )
     model = LlavaModel(
-        vision_tower=hf_model.model.vision_tower,
+        vision_tower=vision_tower,
         language_model=language_model,
         projector=HF_PROJECTOR,
         image_token_id=config.image_token_id,
         vision_select_layer=config.vision_feature_layer,
         vision_select_feature=_select_feature(config),
+        # A folder that does not say (llava-hf's conversions of the official weights) was trained by the
+        # reference, whose tokenizer_image_token is data.tokenization 'llava'.
+        tokenization=getattr(config, TOKENIZATION_KEY, "llava"),
     )
     hf_projector = hf_model.model.multi_modal_projector
     model.projector[0] = hf_projector.linear_1

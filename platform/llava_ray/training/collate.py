@@ -7,7 +7,8 @@ Output (``B`` rows, ``T`` the longest row, ``N`` images in the micro-batch, ``S`
 - ``input_ids``: long [B, T], right-padded with ``pad_id``
 - ``attention_mask``: long [B, T], 1 on real tokens
 - ``labels``: long [B, T], IGNORE_INDEX on padding, prompts and image positions
-- ``pixel_values``: float [N, 3, S, S] normalised with CLIP's mean and std, images in row order
+- ``pixel_values``: float [N, 3, S, S] normalised with the tower's mean and std (``tower``), images in
+  row order
   (absent when no row has an image)
 - ``num_tokens``: the real (non-padding) tokens; ``num_supervised``: labels that carry a loss
   after the causal shift
@@ -21,16 +22,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from llava_ray.config.model_sources import TowerInput
 from llava_ray.conversation.templates import IGNORE_INDEX
 from llava_ray.data.images import stored_image_array
 
 
-def image_to_tensor(data: bytes, image_size: int) -> torch.Tensor:
-    """An encoded, already resized RGB image as a normalised [3, S, S] float tensor."""
-    return torch.from_numpy(stored_image_array(data, image_size))
+def image_to_tensor(data: bytes, tower: TowerInput) -> torch.Tensor:
+    """An encoded, already resized RGB image as a [3, S, S] float tensor normalised for ``tower``."""
+    return torch.from_numpy(stored_image_array(data, tower))
 
 
-def collate_rows(rows: Sequence[dict[str, Any]], pad_id: int, image_size: int) -> dict[str, torch.Tensor]:
+def collate_rows(rows: Sequence[dict[str, Any]], pad_id: int, tower: TowerInput) -> dict[str, torch.Tensor]:
     """Pad a micro-batch of prepared rows (see the module docstring for keys and shapes)."""
     longest = max(len(row["input_ids"]) for row in rows)
     input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
@@ -44,7 +46,7 @@ def collate_rows(rows: Sequence[dict[str, Any]], pad_id: int, image_size: int) -
         attention_mask[i, :length] = 1
         # Ray Data hands a text-only row's images as an empty numpy array, whose truth value is an error.
         row_images = row.get("images")
-        images += [image_to_tensor(data, image_size) for data in ([] if row_images is None else row_images)]
+        images += [image_to_tensor(data, tower) for data in ([] if row_images is None else row_images)]
     batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,

@@ -57,6 +57,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from llava_ray.config.model_sources import TowerInput
 from llava_ray.conversation.templates import IGNORE_INDEX
 from llava_ray.training.collate import collate_rows
 from llava_ray.utils.compat import VARLEN_PARAMETERS, varlen_attn
@@ -84,13 +85,13 @@ def first_fit_decreasing(lengths: Sequence[int], token_budget: int) -> list[list
 
 
 def pack_rows(
-    rows: Sequence[dict[str, Any]], token_budget: int, pad_id: int, image_size: int
+    rows: Sequence[dict[str, Any]], token_budget: int, pad_id: int, tower: TowerInput
 ) -> dict[str, torch.Tensor]:
     """Pack a micro-batch of prepared rows (see the module docstring for keys and shapes)."""
     lengths = [len(row["input_ids"]) for row in rows]
     bins = first_fit_decreasing(lengths, token_budget)
     packed = [_concatenate([rows[i] for i in members]) for members in bins]
-    batch = collate_rows(packed, pad_id, image_size)  # padding, images and counts as unpacked
+    batch = collate_rows(packed, pad_id, tower)  # padding, images and counts as unpacked
     width = batch["input_ids"].shape[1]
     batch["position_ids"] = torch.stack(
         [_positions([lengths[i] for i in members], width) for members in bins]
@@ -100,7 +101,9 @@ def pack_rows(
     return batch
 
 
-def pack_micro_batch(rows: Sequence[dict[str, Any]], pad_id: int, image_size: int) -> dict[str, torch.Tensor]:
+def pack_micro_batch(
+    rows: Sequence[dict[str, Any]], pad_id: int, tower: TowerInput
+) -> dict[str, torch.Tensor]:
     """A training micro-batch's rows as one packed row: the same samples, no padding at all.
 
     What ``train.packing`` does to each scheduled micro-batch. With segment attention
@@ -108,7 +111,7 @@ def pack_micro_batch(rows: Sequence[dict[str, Any]], pad_id: int, image_size: in
     and the row has no more positions than the padded micro-batch, so one row is the cheapest
     layout; nothing else changes (samples per step, the loss normalisation, accumulation).
     """
-    return pack_rows(rows, sum(len(row["input_ids"]) for row in rows), pad_id, image_size)
+    return pack_rows(rows, sum(len(row["input_ids"]) for row in rows), pad_id, tower)
 
 
 def _concatenate(members: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from llava_ray.config.loader import ConfigError
+from llava_ray.config.model_sources import TowerInput
 from llava_ray.config.schema import LlavaRayConfig
 from llava_ray.training.collate import collate_rows, rows_from_columns
 from llava_ray.training.step import move_inputs
@@ -57,14 +58,14 @@ def validation_plan(validation: pd.DataFrame, world_size: int) -> pd.DataFrame:
 class Validation:
     """One rank's view of the validation split: when it is due and the loss it gives."""
 
-    def __init__(self, config: LlavaRayConfig, rank: int, pad_id: int, image_size: int, total_steps: int):
+    def __init__(self, config: LlavaRayConfig, rank: int, pad_id: int, tower: TowerInput, total_steps: int):
         self.enabled = config.train.val_fraction > 0
         self.every = config.train.eval_every_steps
         self.total_steps = total_steps
         self.micro_batch_size = config.train.micro_batch_size
         self.rank = rank
         self.pad_id = pad_id
-        self.image_size = image_size
+        self.tower = tower
         self._batches: list[dict[str, Any]] | None = None
 
     def due(self, step: int) -> bool:
@@ -75,7 +76,7 @@ class Validation:
         if self._batches is None:
             shard = ray.train.get_dataset_shard(f"{VAL_DATASET_PREFIX}{self.rank}")
             self._batches = [
-                collate_rows(rows_from_columns(columns), self.pad_id, self.image_size)
+                collate_rows(rows_from_columns(columns), self.pad_id, self.tower)
                 for columns in shard.iter_batches(batch_size=self.micro_batch_size, batch_format="numpy")
             ]
         return self._batches
