@@ -73,6 +73,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from llava_ray.config.model_sources import tower_input
 from llava_ray.config.presets import TINY_TOKENIZER_DIR
 from llava_ray.config.schema import ModelConfig
 from llava_ray.conversation.templates import IGNORE_INDEX
@@ -83,7 +84,7 @@ from llava_ray.model.llava import LlavaModel, LlavaOutput
 from llava_ray.training.collate import collate_rows
 from llava_ray.training.metrics import FlopsModel, peak_flops
 from llava_ray.training.packing import pack_micro_batch, use_segment_attention
-from llava_ray.training.step import PlainEngine, move_inputs, train_step
+from llava_ray.training.step import PlainEngine, allow_tf32, move_inputs, train_step
 from llava_ray.training.trainable import set_trainable
 
 GOAL_RATIO = 1.5
@@ -530,8 +531,10 @@ def run_train_benchmark(options: TrainBenchOptions) -> dict[str, Any]:
             "check its code path on the CPU with a shrunken model"
         )
     torch.manual_seed(options.seed)
+    allow_tf32(True, device)  # both loops, as LLaVA-1.5 trains (--tf32 True)
     tokenizer, model = build_model(preset, options, device)
-    image_size = model.vision_tower.config.image_size
+    tower = tower_input(model.vision_tower.config)
+    image_size = tower.size
     special = {*tokenizer.all_special_ids, model.image_token_id}
     rows = synthetic_rows(
         preset.global_batch_size,
@@ -547,7 +550,7 @@ def run_train_benchmark(options: TrainBenchOptions) -> dict[str, Any]:
     groups = grouped_micro_batches(
         lengths, [bool(row["images"]) for row in rows], preset.micro_batch_size, options.grouping
     )
-    padded = [collate_rows([rows[i] for i in group], tokenizer.pad_token_id, image_size) for group in groups]
+    padded = [collate_rows([rows[i] for i in group], tokenizer.pad_token_id, tower) for group in groups]
 
     # (b) trains a copy with its own attention implementation; (a) stays stock.
     ours = copy.deepcopy(model)
@@ -555,7 +558,7 @@ def run_train_benchmark(options: TrainBenchOptions) -> dict[str, Any]:
     use_segment_attention(ours.language_model, options.attention)
     if options.packing:  # as train.packing: each of (a)'s micro-batches as one packed row
         ours_batches = [
-            pack_micro_batch([rows[i] for i in group], tokenizer.pad_token_id, image_size) for group in groups
+            pack_micro_batch([rows[i] for i in group], tokenizer.pad_token_id, tower) for group in groups
         ]
     else:
         ours_batches = padded

@@ -118,3 +118,105 @@ def ray_cluster(s3_endpoint: str) -> Iterator[None]:
 def get_free_port():
     """A function returning a free loopback port (conftest modules are not importable)."""
     return free_port
+
+
+@pytest.fixture(scope="session")
+def vicuna_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tokenizer folder in Vicuna v1.5's layout, built here: ``tokenizer.model``, ``tokenizer_config.json``
+    (``LlamaTokenizer``, ``legacy: false``) and ``special_tokens_map.json``, nothing else.
+
+    The SentencePiece model is trained as Llama's was: BPE with byte fallback, split digits, a dummy
+    prefix, whitespace kept as is and whitespace-only pieces allowed; then, as in Llama's
+    ``tokenizer.model``, the whitespace-run pieces (``▁▁``, ``▁▁▁▁``, ...) keep their low ids but get
+    score -1e9, so SentencePiece merges them last. Trains in well under a second.
+    """
+    import io
+    import json
+    import random
+
+    import sentencepiece
+    from sentencepiece import sentencepiece_model_pb2
+
+    from llava_ray.conversation.templates import LLAVA_V1_SYSTEM, VICUNA_SYSTEM
+
+    rng = random.Random(0)
+    vocabulary = (
+        "The the a an image shows red blue green circle square triangle left right top bottom What "
+        "How many is are there of in on with and def return print for if else class import self value "
+        "data list Describe photo briefly dog cat bus street man woman USER ASSISTANT Answer yes no"
+    )
+    words = vocabulary.split()
+    lines = [VICUNA_SYSTEM, LLAVA_V1_SYSTEM, "USER: ASSISTANT:", "Describe the image briefly."]
+    for index in range(4000):
+        line = " ".join(rng.choice(words) for _ in range(rng.randint(3, 14)))
+        if index % 3 == 0:
+            line += rng.choice([".", "?", "!", ",", ":"])
+        if index % 5 == 0:
+            line = "    " * rng.randint(1, 3) + line  # indented code
+        if index % 7 == 0:
+            line = line.replace(" ", "  ", 2)
+        if index % 11 == 0:
+            line += f" {rng.randint(0, 99999)}"
+        if index % 13 == 0:
+            line += " café naïve 東京 Привет"
+        lines.append(line)
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=800,
+        byte_fallback=True,
+        split_digits=True,
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        normalization_rule_name="identity",
+        character_coverage=0.9995,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model.getvalue())
+    for piece in proto.pieces:
+        if len(piece.piece) > 1 and set(piece.piece) == {"\u2581"}:
+            piece.score = -1e9
+    folder = tmp_path_factory.mktemp("vicuna-tokenizer")
+    (folder / "tokenizer.model").write_bytes(proto.SerializeToString())
+
+    def token(content: str) -> dict[str, object]:
+        return {
+            "content": content,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+        }
+
+    config = {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": {"__type": "AddedToken", **token("<s>")},
+        "eos_token": {"__type": "AddedToken", **token("</s>")},
+        "unk_token": {"__type": "AddedToken", **token("<unk>")},
+        "clean_up_tokenization_spaces": False,
+        "legacy": False,
+        "model_max_length": 4096,
+        "pad_token": None,
+        "padding_side": "right",
+        "sp_model_kwargs": {},
+        "tokenizer_class": "LlamaTokenizer",
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    special = {
+        "bos_token": token("<s>"),
+        "eos_token": token("</s>"),
+        "unk_token": token("<unk>"),
+        "pad_token": "<unk>",
+    }
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    return folder

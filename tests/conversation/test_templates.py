@@ -141,9 +141,10 @@ def test_image_placeholder_moves_to_the_front(tokenizer):
 @pytest.mark.parametrize(
     ("conversation", "reason"),
     [
-        ([{"from": "gpt", "value": "Hi"}, {"from": "human", "value": "Hello"}], "roles_not_alternating"),
+        ([{"from": "gpt", "value": "Hi"}, {"from": "human", "value": "Hello"}], "no_answer"),
+        ([{"from": "gpt", "value": "A"}, {"from": "gpt", "value": "A"}], "roles_not_alternating"),
         ([{"from": "human", "value": "Q"}, {"from": "human", "value": "Q"}], "roles_not_alternating"),
-        ([{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "A"}], "empty_turn"),
+        ([{"from": "human", "value": " \n "}, {"from": "gpt", "value": "A"}], "empty_turn"),
         ([{"from": "human", "value": "Q"}, {"from": "gpt", "value": "  "}], "empty_turn"),
         ([{"from": "human", "value": "Q"}], "no_answer"),
         ([], "empty_conversation"),

@@ -109,6 +109,7 @@ def test_stage1_plain_writes_every_caption(stage1: tuple[LlavaRayConfig, dict]) 
         "input": SAMPLES,
         "written": SAMPLES,
         "skipped": {},
+        "changed": {},
     }
     out = Path(config.data.prepared_path)
     assert json.loads((out / REPORT_FILE).read_text()) == report == load_report(str(out))
@@ -233,9 +234,10 @@ def bad_lines(root: Path) -> list[bytes | dict | list | str]:
         image_sample("no-placeholder", question="What color?"),
         image_sample("two-placeholders", question="<image>\nWhat color? <image>"),
         {"id": "text-with-placeholder", "conversations": turns("<image>\nWhat color?", "red")},
-        {
+        {  # trained as the reference does: the opening answer dropped, <image> moved to the front
             "id": "starts-with-gpt",
-            "conversations": [{"from": "gpt", "value": "Hi"}, {"from": "human", "value": "?"}],
+            "image": "good.png",
+            "conversations": [{"from": "gpt", "value": "Hi"}, *turns("What color?\n<image>", "red")],
         },
         {
             "id": "human-human",
@@ -257,12 +259,12 @@ def bad_lines(root: Path) -> list[bytes | dict | list | str]:
         {
             "id": "cut-inside-image",
             "image": "good.png",
-            "conversations": turns("What color?", "red", " ".join([FILLER] * 12) + "\n<image>", "blue"),
+            "conversations": turns("What color?", "red", " ".join([FILLER] * 10), "ok", "<image>", "blue"),
         },
         {
             "id": "image-cut-away",
             "image": "good.png",
-            "conversations": turns("What color?", "red", " ".join([FILLER] * 20) + "\n<image>", "blue"),
+            "conversations": turns("What color?", "red", " ".join([FILLER] * 20), "ok", "<image>", "blue"),
         },
         image_sample("two-images-one-turn", ["good.png", "good.png"], "<image>\n<image>\nSame?"),  # line 30
         {"id": "no-answer", "conversations": turns("Hello?")},
@@ -283,7 +285,7 @@ EXPECTED_SKIPS = {
     "image_path_outside_root": 2,
     "image_count_mismatch": 2,
     "image_token_in_text_only": 1,
-    "roles_not_alternating": 2,
+    "roles_not_alternating": 1,
     "empty_turn": 1,
     "malformed_json": 1,
     "non_utf8": 3,
@@ -301,7 +303,7 @@ EXPECTED_SKIPS = {
     "no_answer": 1,
     "malformed_turn": 1,
 }
-GOOD_IDS = {"good-1", "good-2", "good-3", "array-good"}
+GOOD_IDS = {"good-1", "good-2", "good-3", "starts-with-gpt", "array-good"}
 
 
 def encode_line(entry: bytes | dict | list | str) -> bytes:
@@ -346,10 +348,13 @@ def test_every_bad_input_is_skipped_with_its_own_reason(bad_run) -> None:
     assert (
         report["input"]
         == report["written"] + sum(report["skipped"].values())
-        == 4 + sum(EXPECTED_SKIPS.values())
+        == len(GOOD_IDS) + sum(EXPECTED_SKIPS.values())
     )
     lines, array = report["sources"]["bad.jsonl"], report["sources"]["bad.json"]
-    assert (lines["records"], lines["written"], array["records"], array["written"]) == (32, 3, 4, 1)
+    assert (lines["records"], lines["written"], array["records"], array["written"]) == (32, 4, 4, 1)
+    changes = {"leading_answer_dropped": 1, "image_moved_to_front": 1}
+    assert (report["changed"], lines["changed"], array["changed"]) == (changes, changes, {})
+    assert report["changed_examples"] == {change: ["starts-with-gpt"] for change in changes}
     assert array["skipped"] == {"invalid_record": 1, "duplicate_id": 1, "non_utf8": 1}
 
 

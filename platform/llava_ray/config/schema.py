@@ -24,13 +24,17 @@ PROJECTOR_PATTERN = re.compile(r"^(linear|identity|mlp([1-9][0-9]*)x_gelu)$")
 PresetName = Literal.__getitem__(tuple(PRESETS))
 TEMPLATE_NAMES = ("plain", "vicuna_v1", "llava_v1", "llava_llama_2", "chatml", "tokenizer")
 TemplateName = Literal.__getitem__(TEMPLATE_NAMES)
+# How a rendered conversation becomes ids (conversation.templates.tokenize_conversation): 'joined' tokenizes
+# the whole text once; 'llava' tokenizes the text on each side of <image> apart, as the reference does.
+Tokenization = Literal["joined", "llava"]
 
 # LLaVA-1.5's recipe (../shared/LLAVA_REFERENCE.md), keyed by (stage, trainable).
 STAGE_RECIPES: dict[tuple[str, str], dict[str, dict[str, Any]]] = {
     ("pretrain", "projector"): {
         "train": {"learning_rate": 1e-3, "global_batch_size": 256},
         "deepspeed": {"zero_stage": 2},
-        "data": {"template": "plain"},
+        # The reference's stage 1 sets no image_aspect_ratio: CLIP's resize, then centre crop.
+        "data": {"template": "plain", "image_aspect": "crop"},
     },
     ("finetune", "full"): {
         "train": {"learning_rate": 2e-5, "global_batch_size": 128},
@@ -143,8 +147,17 @@ class DataConfig(Section):
     template: TemplateName = Field(
         "vicuna_v1", description="Conversation template (stage default: plain for pretrain, vicuna_v1 after)."
     )
+    tokenization: Tokenization = Field(
+        "joined",
+        description="'joined': the rendered text tokenized at once; 'llava': each side of <image> apart, "
+        "LLaVA-1.5's exact ids (the llava-1.5 configs' choice).",
+    )
     image_aspect: Literal["pad", "crop", "resize"] = Field(
-        "pad", description="pad to a square in CLIP's mean colour (LLaVA-1.5), centre-crop, or stretch."
+        "pad",
+        description=(
+            "pad to a square in the tower's mean colour (LLaVA-1.5 stage 2), centre-crop (stage default "
+            "for pretrain, as the reference's CLIP resize-and-crop), or stretch."
+        ),
     )
     prepared_path: str | None = Field(
         None, description="Where `prepare` writes parquet shards and report.json, and `train` reads them."
@@ -191,7 +204,14 @@ class TrainConfig(Section):
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps with linear warmup.")
     lr_schedule: Literal["cosine", "constant"] = Field("cosine", description="Schedule after warmup.")
-    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables).")
+    max_grad_norm: float = Field(
+        0.0,
+        ge=0,
+        description="Gradient clipping norm (0 disables; LLaVA-1.5's ZeRO configs set none, so it trained unclipped).",
+    )
+    tf32: bool = Field(
+        True, description="TF32 matmuls on NVIDIA GPUs (LLaVA-1.5: --tf32 True); no effect on CPU."
+    )
     gradient_checkpointing: bool = Field(True, description="Recompute LM activations in backward.")
     group_by_modality_length: bool = Field(
         True, description="LLaVA-1.5's batching: batches of one modality, grouped by length."
@@ -360,6 +380,11 @@ def cross_section_problems(config: LlavaRayConfig) -> list[str]:
         problems.append(
             "data.template='plain' with train.stage='finetune': 'plain' drops the instructions; "
             "use vicuna_v1 (LLaVA-1.5) or another chat template"
+        )
+    if data.tokenization == "llava" and data.template == "tokenizer":
+        problems.append(
+            "data.tokenization='llava' with data.template='tokenizer': 'llava' splits the text a llava-ray "
+            "template renders; set data.template (e.g. vicuna_v1) or data.tokenization=joined"
         )
     if train.eval_every_steps and not train.val_fraction:
         problems.append(

@@ -12,8 +12,8 @@ from transformers import PreTrainedTokenizerBase
 
 from llava_ray.conversation.templates import IMAGE_TOKEN, Template, get_template
 
-# Each message's text as training renders it: a list content's image items become <image>, and an
-# <image> in the first turn moves to its front as "<image>\n" (templates.normalize_turns).
+# Each message's text as training renders it: a list content's image items become <image>, and in
+# any turn holding one it moves to the front as "<image>\n", the text stripped (templates.conform_turns).
 _MESSAGE_TEXT = (
     "{%- if message['content'] is string -%}{%- set raw = message['content'] -%}"
     "{%- else -%}{%- set parts = namespace(text='', images=0) -%}"
@@ -22,8 +22,8 @@ _MESSAGE_TEXT = (
     "{%- elif item['type'] == 'text' -%}{%- set parts.text = parts.text + item['text'] -%}{%- endif -%}"
     "{%- endfor -%}"
     "{%- set raw = image * parts.images + parts.text -%}{%- endif -%}"
-    "{%- if loop.first and image in raw -%}"
-    "{%- set text = image + '\\n' + (raw | replace(image, '') | trim) -%}"
+    "{%- if image in raw -%}"
+    "{%- set text = (image + '\\n' + (raw | replace(image, '') | trim)) | trim -%}"
     "{%- else -%}{%- set text = raw -%}{%- endif -%}"
 )
 
@@ -66,7 +66,7 @@ def jinja_chat_template(
         block = f"{{%- if ns.system -%}}{block}{{%- endif -%}}"
     if template.caption_only:  # 'plain' drops the instruction (and any system text): only its <image> stays
         user = "{%- if image in text -%}{{ image }}{%- endif -%}"
-        answer = _output("(text | trim)", _literal(template.end_marker))
+        answer = _output("text", _literal(template.end_marker))
     else:
         user = (
             ("{%- if not loop.first -%}" + _output(_literal(template.turn_separator)) + "{%- endif -%}")

@@ -11,6 +11,9 @@ offsets, and supervises exactly the tokens that fall in supervised spans. Unlike
 code there is no re-tokenising of pieces and counting with hard-coded offsets, so there is no
 "tokenization mismatch" that silently zeroes a sample. Each ``<image>`` becomes as many
 positions as the vision tower yields, so the returned length is the true sequence length.
+With ``tokenization="llava"`` the text on each side of ``<image>`` is tokenized apart, as the
+reference's ``tokenizer_image_token`` does: LLaVA-1.5's weights were trained on those ids (with a
+SentencePiece tokenizer, a ``▁`` after every image and the ``▁`` that starts a first word).
 
 Exact strings (../shared/LLAVA_REFERENCE.md):
 
@@ -30,6 +33,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tokenizers import pre_tokenizers
 from transformers import PreTrainedTokenizerBase
 
 from llava_ray.config.schema import TEMPLATE_NAMES
@@ -91,7 +95,7 @@ class Template:
     end_marker: str = ""  # generation stops here; ends every supervised answer
     turn_separator: str = ""  # before every user turn but the first (llama_2's "<s>": the first is BOS)
     add_bos: bool = True  # the tokenizer's BOS goes before the text
-    caption_only: bool = False  # 'plain' (stage 1): only the instruction's <image> stays, one stripped answer
+    caption_only: bool = False  # 'plain' (stage 1): only the instruction's <image> stays, then one answer
     special_tokens: tuple[str, ...] = ()  # markers a matching tokenizer holds as single tokens
 
     @property
@@ -118,8 +122,7 @@ class Template:
                     )
                 )
             else:
-                text = turn.text.strip() if self.caption_only else turn.text
-                answer = f"{self.answer_prefix}{text}{self.answer_suffix}{self.end_marker}"
+                answer = f"{self.answer_prefix}{turn.text}{self.answer_suffix}{self.end_marker}"
                 spans.append(Span(answer, supervised=True))
         return spans
 
@@ -214,14 +217,29 @@ class TokenizedConversation:
         return sum(label != IGNORE_INDEX for label in self.labels)
 
 
-def normalize_turns(conversations: Sequence[dict[str, Any]], require_answer: bool = True) -> list[Turn]:
+# What normalize_turns changes to match the reference's preprocessing; prepare's report counts each.
+LEADING_ANSWER_DROPPED = "leading_answer_dropped"
+IMAGE_MOVED_TO_FRONT = "image_moved_to_front"
+
+
+@dataclass(frozen=True)
+class NormalizedTurns:
+    """Alternating turns, and the reference's changes that produced them (``LEADING_ANSWER_DROPPED``, ...)."""
+
+    turns: list[Turn]
+    changes: tuple[str, ...] = ()
+
+
+def conform_turns(conversations: Sequence[dict[str, Any]], require_answer: bool = True) -> NormalizedTurns:
     """LLaVA's ``[{"from": "human", "value": ...}, ...]`` as alternating user/assistant turns.
 
-    ``<image>`` is moved to the front of the first user turn as ``<image>\\n``, as the reference does.
-    Training conversations end with an answer; a generation prompt (``require_answer=False``)
-    ends with the user's turn.
+    As the reference's preprocessing does: a conversation opening with an answer loses that turn
+    (``LEADING_ANSWER_DROPPED``); in every turn holding ``<image>`` the placeholder moves to the
+    front as ``<image>\\n`` and the text is stripped (``IMAGE_MOVED_TO_FRONT`` when that changed
+    it), so a turn that is exactly ``<image>`` stays ``<image>``. Training conversations end with
+    an answer; a generation prompt (``require_answer=False``) ends with the user's turn.
     """
-    turns: list[Turn] = []
+    parsed: list[Turn] = []
     for index, message in enumerate(conversations):
         if not isinstance(message, dict):
             raise Skipped("malformed_turn", f"turn {index} is not an object")
@@ -229,25 +247,39 @@ def normalize_turns(conversations: Sequence[dict[str, Any]], require_answer: boo
         text = message.get("value", message.get("content"))
         if role is None or not isinstance(text, str):
             raise Skipped("malformed_turn", f"turn {index} has no known role or no text: {message!r}")
+        if not text.strip():
+            raise Skipped("empty_turn", f"turn {index} ({role}) is empty")
+        parsed.append(Turn(role, text))
+    changes: list[str] = []
+    if parsed and parsed[0].role == "assistant":
+        parsed = parsed[1:]
+        changes.append(LEADING_ANSWER_DROPPED)
+    turns: list[Turn] = []
+    for index, turn in enumerate(parsed):
         expected = "user" if index % 2 == 0 else "assistant"
-        if role != expected:
+        if turn.role != expected:
             raise Skipped(
                 "roles_not_alternating",
-                f"turn {index} is from {role}; turns must alternate starting with the user",
+                f"turn {index} is from {turn.role}; turns must alternate starting with the user",
             )
-        if not text.strip() or text.strip() == IMAGE_TOKEN:
-            raise Skipped("empty_turn", f"turn {index} ({role}) is empty")
-        turns.append(Turn(role, text))
+        text = turn.text
+        if IMAGE_TOKEN in text:
+            text = f"{IMAGE_TOKEN}\n{text.replace(IMAGE_TOKEN, '').strip()}".strip()
+            if text != turn.text and IMAGE_MOVED_TO_FRONT not in changes:
+                changes.append(IMAGE_MOVED_TO_FRONT)
+        turns.append(Turn(turn.role, text))
     if not turns:
         raise Skipped("empty_conversation", "the conversation has no turns")
     if require_answer and turns[-1].role != "assistant":
         raise Skipped("no_answer", "the conversation must end with an assistant answer")
     if not require_answer and turns[-1].role != "user":
         raise Skipped("no_question", "a generation prompt must end with the user's turn")
-    if IMAGE_TOKEN in turns[0].text:
-        question = turns[0].text.replace(IMAGE_TOKEN, "").strip()
-        turns[0] = Turn("user", f"{IMAGE_TOKEN}\n{question}")
-    return turns
+    return NormalizedTurns(turns, tuple(changes))
+
+
+def normalize_turns(conversations: Sequence[dict[str, Any]], require_answer: bool = True) -> list[Turn]:
+    """The turns of :func:`conform_turns`, without the record of what changed."""
+    return conform_turns(conversations, require_answer).turns
 
 
 def tokenize_conversation(
@@ -256,19 +288,24 @@ def tokenize_conversation(
     tokenizer: PreTrainedTokenizerBase,
     image_positions: int,
     max_length: int | None = None,
+    tokenization: str = "joined",
 ) -> TokenizedConversation:
     """Render, tokenize and mask one conversation; raise :class:`Skipped` with a reason.
 
     ``image_positions`` is how many sequence positions one image takes (576 for CLIP-L/336).
     ``max_length`` counts image positions; truncation never cuts inside an image, and a sample
     left without a supervised token is rejected rather than trained on at zero loss.
+    ``tokenization`` is ``data.tokenization``: "joined" or "llava" (see the module docstring).
     """
     turns = normalize_turns(conversations)
     if template_name == "tokenizer":
+        _check_chat_template_tokenization(tokenization)
         ids, supervised, text = _tokenize_with_chat_template(turns, tokenizer)
     else:
         template = get_template(template_name)
-        ids, supervised, text = _tokenize_spans(template.render(turns), tokenizer, template.add_bos)
+        ids, supervised, text = _tokenize_spans(
+            template.render(turns), tokenizer, template.add_bos, tokenization
+        )
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     input_ids, labels = expand_images(ids, supervised, image_id, image_positions)
     num_images = ids.count(image_id)
@@ -305,10 +342,12 @@ def tokenize_prompt(
     template_name: str,
     tokenizer: PreTrainedTokenizerBase,
     image_positions: int,
+    tokenization: str = "joined",
 ) -> list[int]:
     """Token ids of a generation prompt (turns end with the user's), tokenized exactly as in training."""
     turns = normalize_turns(conversation, require_answer=False)
     if template_name == "tokenizer":
+        _check_chat_template_tokenization(tokenization)
         messages = [{"role": turn.role, "content": turn.text} for turn in turns]
         ids = list(
             tokenizer.apply_chat_template(
@@ -318,36 +357,91 @@ def tokenize_prompt(
     else:
         template = get_template(template_name)
         ids, _, _ = _tokenize_spans(
-            template.render(turns, generation_prompt=True), tokenizer, template.add_bos
+            template.render(turns, generation_prompt=True), tokenizer, template.add_bos, tokenization
         )
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     return expand_images(ids, [False] * len(ids), image_id, image_positions)[0]
 
 
 def _tokenize_spans(
-    spans: Sequence[Span], tokenizer: PreTrainedTokenizerBase, add_bos: bool
+    spans: Sequence[Span], tokenizer: PreTrainedTokenizerBase, add_bos: bool, tokenization: str = "joined"
 ) -> tuple[list[int], list[bool], str]:
-    """Tokenize the joined text once; a token is supervised when its last character is."""
+    """Tokenize the joined text ("joined") or each side of every ``<image>`` apart ("llava").
+
+    A token is supervised when the last character it covers is (a SentencePiece ``▁`` that the
+    tokenizer adds covers the character it precedes), so the masks come from the spans either way.
+    """
     text = "".join(span.text for span in spans)
-    starts, ends, flags = [], [], []
+    starts, flags = [], []
     position = 0
     for span in spans:
         starts.append(position)
         position += len(span.text)
-        ends.append(position)
         flags.append(span.supervised)
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(encoding["input_ids"])
+    if tokenization == "joined":
+        ids, offsets = encode_text(tokenizer, text)
+    elif tokenization == "llava":
+        ids, offsets = _encode_around_images(tokenizer, text)
+    else:
+        raise ValueError(f"unknown tokenization {tokenization!r}; choose 'joined' or 'llava'")
     supervised = []
-    for start, end in encoding["offset_mapping"]:
-        if end <= start:
+    for start, end in offsets:
+        last = end - 1 if end > start else start
+        if not text or last >= len(text):
             supervised.append(False)
             continue
-        span_index = bisect.bisect_right(starts, end - 1) - 1
-        supervised.append(flags[span_index])
+        supervised.append(flags[bisect.bisect_right(starts, last) - 1])
     if add_bos and tokenizer.bos_token_id is not None:
         ids, supervised = [tokenizer.bos_token_id, *ids], [False, *supervised]
     return ids, supervised, text
+
+
+def _encode_around_images(
+    tokenizer: PreTrainedTokenizerBase, text: str
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """The reference's ``tokenizer_image_token`` without its BOS: each chunk between ``<image>``s on its own."""
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    position = 0
+    for index, chunk in enumerate(text.split(IMAGE_TOKEN)):
+        if index:
+            ids.append(image_id)
+            offsets.append((position, position + len(IMAGE_TOKEN)))
+            position += len(IMAGE_TOKEN)
+        chunk_ids, chunk_offsets = encode_text(tokenizer, chunk)
+        ids += chunk_ids
+        offsets += [(start + position, end + position) for start, end in chunk_offsets]
+        position += len(chunk)
+    return ids, offsets
+
+
+def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids and character offsets of ``text`` (no BOS), as SentencePiece encodes it.
+
+    SentencePiece's dummy prefix puts a ``▁`` before the text whatever it starts with (the
+    reference's ``legacy: false`` tokenizer does too); a converted tokenizer's Metaspace skips it
+    when the text already starts with a space, so such a text gets one more space here.
+    """
+    shift = 1 if text[:1] in (" ", "\u2581") and _prefixes_first_text(tokenizer) else 0
+    encoding = tokenizer(" " * shift + text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = [(max(start - shift, 0), max(end - shift, 0)) for start, end in encoding["offset_mapping"]]
+    return list(encoding["input_ids"]), offsets
+
+
+def _prefixes_first_text(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer's pre-tokenizer adds SentencePiece's ``▁`` prefix (Llama's, Vicuna's)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    pre_tokenizer = getattr(backend, "pre_tokenizer", None)
+    return isinstance(pre_tokenizer, pre_tokenizers.Metaspace) and pre_tokenizer.prepend_scheme != "never"
+
+
+def _check_chat_template_tokenization(tokenization: str) -> None:
+    if tokenization != "joined":
+        raise ValueError(
+            f"tokenization {tokenization!r} splits the text a llava-ray template renders; template 'tokenizer' "
+            "renders with the tokenizer's chat template: use tokenization 'joined' or an explicit template"
+        )
 
 
 def _tokenize_with_chat_template(

@@ -118,7 +118,9 @@ class PrepareWorker:
             if isinstance(outcome, Skip):
                 skips.append(outcome)
             else:
-                written.append(Written(item.row, item.source, outcome.length, item.copies))
+                written.append(
+                    Written(item.row, item.source, outcome.length, item.copies, outcome.changes, item.id)
+                )
                 rows.extend([outcome] * item.copies)
                 keys.extend(row_keys(item.row, item.copies))
         # Wait for the report to take the records before the rows leave: once the dataset has

@@ -15,8 +15,11 @@ with what the source scan expected and refuses to return a report that does not 
     skipped           {reason: count}
     examples          {reason: [up to 5 sample ids, or "file:line" / "file[index]" locators]}
                       (skipped and examples: :class:`llava_ray.utils.skips.SkipCounter`)
+    changed           {change: count} of written samples the reference's preprocessing altered
+                      (``leading_answer_dropped``, ``image_moved_to_front``; templates.conform_turns)
+    changed_examples  {change: [up to 5 sample ids]}
     length_histogram  {"lo-hi": count} of written lengths (text + image positions), power-of-two buckets
-    sources           {name: {records, sampled_out, input, written, skipped: {reason: count}}}
+    sources           {name: {records, sampled_out, input, written, skipped: {reason: count}, changed}}
     records           records read from the source files
     sampled_out       records a weight below 1 left out of this mix (not inspected)
     template, elapsed_s, samples_per_s (input over elapsed_s), and the settings the shards were made with
@@ -46,12 +49,18 @@ class Skip(NamedTuple):
 
 
 class Written(NamedTuple):
-    """One source record written ``copies`` times, each ``length`` positions long."""
+    """One source record written ``copies`` times, each ``length`` positions long.
+
+    ``changes`` names what matching the reference's preprocessing changed in it
+    (``templates.conform_turns``); ``id`` is the sample's, kept as the change's example.
+    """
 
     row: int
     source: int
     length: int
     copies: int
+    changes: tuple[str, ...] = ()
+    id: str = ""
 
 
 class ReportImbalanceError(RuntimeError):
@@ -66,6 +75,7 @@ class ReportBuilder:
         self._seen_rows: set[int] = set()
         self._skips = [SkipCounter() for _ in self._names]
         self._written = [0] * len(self._names)
+        self._changed = [SkipCounter() for _ in self._names]
         self._lengths: Counter[int] = Counter()
 
     def add(self, skips: Iterable[Skip] = (), written: Iterable[Written] = ()) -> None:
@@ -76,6 +86,8 @@ class ReportBuilder:
         for record in written:
             if self._first_time(record.row):
                 self._written[record.source] += record.copies
+                for change in record.changes:
+                    self._changed[record.source].add(change, record.id, record.copies)
                 self._lengths[record.length] += record.copies
 
     def _first_time(self, row: int) -> bool:
@@ -86,15 +98,23 @@ class ReportBuilder:
 
     def counts(self) -> dict[str, Any]:
         """Written and skipped counts, overall and per source, with examples and the length histogram."""
-        skips = SkipCounter()
+        skips, changed = SkipCounter(), SkipCounter()
         for per_source in self._skips:
             skips.merge(per_source)
+        for per_source in self._changed:
+            changed.merge(per_source)
         return {
             "written": sum(self._written),
             **skips.to_dict(),
+            "changed": changed.counts,
+            "changed_examples": changed.examples,
             "length_histogram": length_histogram(self._lengths),
             "sources": {
-                name: {"written": self._written[index], "skipped": self._skips[index].counts}
+                name: {
+                    "written": self._written[index],
+                    "skipped": self._skips[index].counts,
+                    "changed": self._changed[index].counts,
+                }
                 for index, name in enumerate(self._names)
             },
         }
@@ -144,6 +164,8 @@ def finish_report(
         "written": counts["written"],
         "skipped": counts["skipped"],
         "examples": counts["examples"],
+        "changed": counts["changed"],
+        "changed_examples": counts["changed_examples"],
         "length_histogram": counts["length_histogram"],
         "sources": sources,
         "records": sum(source["records"] for source in sources.values()),
@@ -176,11 +198,13 @@ def check_balance(
 
 
 def format_summary(report: Mapping[str, Any]) -> str:
-    """One line: counts, skips by reason, throughput."""
-    skipped = report["skipped"]
+    """One line: counts, skips and reference-matching changes by reason, throughput."""
+    skipped, changed = report["skipped"], report.get("changed", {})
     reasons = ", ".join(f"{reason} {count}" for reason, count in skipped.items())
+    changes = ", ".join(f"{change} {count}" for change, count in changed.items())
     return (
         f"prepare: {report['input']} samples in, {report['written']} written, "
-        f"{sum(skipped.values())} skipped{f' ({reasons})' if reasons else ''}; "
+        f"{sum(skipped.values())} skipped{f' ({reasons})' if reasons else ''}"
+        f"{f', changed as the reference does: {changes}' if changes else ''}; "
         f"{report['samples_per_s']} samples/s over {report['elapsed_s']} s"
     )

@@ -39,9 +39,10 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from llava_ray.config.loader import ConfigError
-from llava_ray.config.model_sources import build_vision_config, image_positions
+from llava_ray.config.model_sources import build_vision_config, image_positions, tower_input
+from llava_ray.config.model_sources import resolve_sources as resolve_model_sources
 from llava_ray.config.schema import LlavaRayConfig, ModelConfig
-from llava_ray.conversation.templates import tokenize_conversation
+from llava_ray.conversation.templates import conform_turns, tokenize_conversation
 from llava_ray.conversation.tokenizer import IMAGE_TOKEN, image_token_id, load_tokenizer
 from llava_ray.data.images import ImageSettings, decode_stored_image, process_image
 from llava_ray.data.report import Skip
@@ -79,6 +80,7 @@ class PrepareSettings:
     image_positions: int
     image_token_id: int
     image: ImageSettings
+    tokenization: str = "joined"  # data.tokenization
 
     @classmethod
     def from_config(cls, config: LlavaRayConfig, tokenizer: PreTrainedTokenizerBase) -> PrepareSettings:
@@ -87,11 +89,12 @@ class PrepareSettings:
         return cls(
             model=config.model,
             template=data.template,
+            tokenization=data.tokenization,
             max_length=config.model.model_max_length,
             image_positions=image_positions(vision, config.model.vision_select_feature),
             image_token_id=image_token_id(tokenizer),
             image=ImageSettings(
-                size=vision.image_size,
+                tower=tower_input(vision),
                 aspect=data.image_aspect,
                 format=data.image_format,
                 jpeg_quality=data.jpeg_quality,
@@ -111,6 +114,8 @@ class PreparedSample:
     labels: list[int]
     num_supervised: int
     images: list[bytes] = field(default_factory=list)
+    # What matching the reference's preprocessing changed (templates.conform_turns); not written.
+    changes: tuple[str, ...] = ()
 
     @property
     def length(self) -> int:
@@ -166,6 +171,7 @@ class SamplePreparer:
             self.tokenizer,
             settings.image_positions,
             max_length=settings.max_length,
+            tokenization=settings.tokenization,
         )
         self._check_rendered_images(tokenized.num_images, tokenized.input_ids, len(record.images))
         root = self._roots[item.source][1]
@@ -176,6 +182,7 @@ class SamplePreparer:
             input_ids=tokenized.input_ids,
             labels=tokenized.labels,
             num_supervised=tokenized.num_supervised,
+            changes=conform_turns(record.conversations).changes,
         )
         return _Pending(item, sample, [resolve_image_path(root, path) for path in record.images])
 
@@ -231,8 +238,16 @@ def load_checked_tokenizer(config: LlavaRayConfig) -> PreTrainedTokenizerBase:
     template = config.data.template
     try:
         tokenizer = load_tokenizer(config.model)
-        tokenize_conversation(_PROBE_CONVERSATION, template, tokenizer, image_positions=1)
     except (OSError, ValueError) as error:
+        source = resolve_model_sources(config.model).tokenizer
+        raise ConfigError(
+            [f"model.tokenizer = {source!r} (model.preset={config.model.preset!r}) does not load: {error}"]
+        ) from None
+    try:
+        tokenize_conversation(
+            _PROBE_CONVERSATION, template, tokenizer, image_positions=1, tokenization=config.data.tokenization
+        )
+    except ValueError as error:
         raise ConfigError(
             [f"data.template = {template!r} with tokenizer of model.preset={config.model.preset!r}: {error}"]
         ) from None

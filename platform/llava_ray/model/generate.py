@@ -74,7 +74,7 @@ def generate(
     if not prompts:
         return []
     rows = [
-        prompt_input_ids(conversation, template_name, tokenizer, model.image_positions)
+        prompt_input_ids(conversation, template_name, tokenizer, model.image_positions, model.tokenization)
         for conversation, _ in prompts
     ]
     device = model.language_model.get_input_embeddings().weight.device

@@ -71,6 +71,7 @@ class LlavaModel(nn.Module):
         vision_select_layer: int = -2,
         vision_select_feature: str = "patch",
         template: str | None = None,
+        tokenization: str = "joined",
     ):
         super().__init__()
         if vision_select_feature not in SELECT_FEATURES:
@@ -87,6 +88,7 @@ class LlavaModel(nn.Module):
         self.vision_select_layer = vision_select_layer
         self.vision_select_feature = vision_select_feature
         self.template = template  # the conversation template it was trained with, recorded when saved
+        self.tokenization = tokenization  # and how its text became ids (data.tokenization), recorded too
         self.image_positions = image_positions(vision_tower.config, vision_select_feature)
 
     @property
@@ -229,6 +231,7 @@ class LlavaModel(nn.Module):
             "image_token_id": self.image_token_id,
             "image_positions": self.image_positions,
             "template": template or self.template,
+            "tokenization": self.tokenization,
         }
         (out_dir / CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
@@ -248,6 +251,7 @@ class LlavaModel(nn.Module):
             vision_select_layer=record["vision_select_layer"],
             vision_select_feature=record["vision_select_feature"],
             template=record.get("template"),
+            tokenization=record.get("tokenization", "joined"),  # folders saved before it was recorded: joined
         )
         load_weights(model, read_weights(model_dir / WEIGHTS_FILE), source=str(model_dir))
         return model if dtype is None else model.to(dtype)

@@ -64,6 +64,7 @@ def empty_copy(model: LlavaModel, config: LlavaRayConfig) -> LlavaModel:
             vision_select_layer=model.vision_select_layer,
             vision_select_feature=model.vision_select_feature,
             template=model.template,
+            tokenization=model.tokenization,
         )
         if model.has_lora:
             set_trainable(copy, "lora", lora=config.train.lora)

@@ -25,6 +25,17 @@ from torch import nn
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "position_ids")
 
 
+def allow_tf32(enabled: bool, device: torch.device) -> None:
+    """TF32 tensor cores for float32 matmuls on an NVIDIA GPU, as LLaVA-1.5's ``--tf32 True``.
+
+    Under bf16 autocast this touches only what stays float32 (the loss, optimizer-side matmuls).
+    Off CUDA nothing changes: CPU results stay bit-for-bit comparable across runs and machines.
+    """
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high" if enabled else "highest")
+        torch.backends.cudnn.allow_tf32 = enabled
+
+
 class PlainEngine:
     """DeepSpeed's engine interface (call, backward, step) over a torch model and optimizer."""
 

@@ -21,6 +21,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from llava_ray.config.model_sources import tower_input
 from llava_ray.config.schema import LlavaRayConfig
 from llava_ray.conversation.tokenizer import load_tokenizer
 from llava_ray.model.build import build_llava_model
@@ -39,7 +40,7 @@ from llava_ray.training.optim import (
     resolve_precision,
 )
 from llava_ray.training.packing import pack_micro_batch, use_segment_attention
-from llava_ray.training.step import StepResult, train_step
+from llava_ray.training.step import StepResult, allow_tf32, train_step
 from llava_ray.training.trainable import set_trainable
 from llava_ray.training.validation import Validation
 from llava_ray.utils.compat import skip_deepspeed_cpu_shm_op
@@ -70,6 +71,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     setup_logging(loop_config.get("verbose", False), rank)  # before DeepSpeed: it warns on import
     device = ray.train.torch.get_device()
+    allow_tf32(config.train.tf32, device)
 
     tracker = Tracker(
         loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id") if rank == 0 else None
@@ -87,7 +89,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             + (f", resuming at step {state.step}" if state.step else ""),
         )
     validation = Validation(
-        config, rank, tokenizer.pad_token_id, model.vision_tower.config.image_size, total_steps
+        config, rank, tokenizer.pad_token_id, tower_input(model.vision_tower.config), total_steps
     )
     flops = FlopsModel.of(model)
     accumulation = accumulation_steps(config, world_size)
@@ -149,6 +151,7 @@ def setup_engine(
     tokenizer = load_tokenizer(config.model)
     model = build_llava_model(config.model, tokenizer, seed=config.run.seed)
     model.template = config.data.template
+    model.tokenization = config.data.tokenization
     if config.train.packing:  # packed rows attend per sample, at sum(L^2) (see micro_batches)
         use_segment_attention(model.language_model, config.train.attention)
     set_trainable(model, config.train.trainable, config.train.freeze_vision_tower, config.train.lora)
@@ -180,7 +183,7 @@ def micro_batches(
     micro = config.train.micro_batch_size
     per_step = micro * accumulation_steps(config, world_size)
     expected = skip_steps * per_step
-    image_size = model.vision_tower.config.image_size
+    tower = tower_input(model.vision_tower.config)  # size, mean and std the tower was built with
     collate = pack_micro_batch if config.train.packing else collate_rows
     for columns in shard.iter_batches(batch_size=micro, batch_format="numpy", prefetch_batches=2):
         seq = columns["seq"]
@@ -189,7 +192,7 @@ def micro_batches(
         if list(seq) != list(range(expected, expected + len(seq))):
             raise RuntimeError(f"rank {rank} received rows {list(seq)[:4]}... but expected {expected}...")
         expected += len(seq)
-        yield collate(rows_from_columns(columns), pad_id, image_size)
+        yield collate(rows_from_columns(columns), pad_id, tower)
 
 
 def reduce_metrics(result: StepResult, engine: Any, world_size: int, device: torch.device) -> StepMetrics:
