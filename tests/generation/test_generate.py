@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from llava_ray.config.generation import GenerateConfig
 from llava_ray.endpoints.client import ChatClient, ClientSettings, EndpointError, RequestFailed, TokenBucket
 from llava_ray.endpoints.journal import JOURNAL_SUFFIX, Journal, JournalError
 from llava_ray.generation.context import build_context, load_coco
-from llava_ray.generation.job import run_generate
+from llava_ray.generation.job import plan_pairs, run_generate
 from llava_ray.generation.parse import detail_instruction, find_leak, parse_reply
 from llava_ray.generation.prompting import USES_BOXES, build_messages, load_prompts
 from llava_ray.utils.skips import Skipped
@@ -322,7 +323,13 @@ def test_generate_writes_llava_json_counts_every_skip_and_resumes(
         assert chat_server.requests[(8, kind)] == 3  # 500 on every attempt: 1 + max_retries
         assert chat_server.requests[(1, kind)] == 1
     assert sum(chat_server.requests.values()) == 36 + 3 + 6
-    assert report["requests"] == {"this_run": 36, "from_journal": 0, "attempts_this_run": 45}
+    assert report["requests"] == {
+        "this_run": 36,
+        "from_journal": 0,
+        "attempts_this_run": 45,
+        "journal_unused": 0,
+    }
+    assert report["mix"] is None
     assert chat_server.max_in_flight <= config.max_concurrency
 
     samples = read_output(output)
@@ -399,6 +406,54 @@ def test_a_run_stopped_mid_way_resumes_where_it_stopped(ray_session, chat_server
     assert chat_server.requested() == everything - journaled
     assert report["requests"]["from_journal"] == len(journaled)
     assert report["written"] == report["input"] == 36
+
+
+def test_a_mix_asks_for_its_share_of_pairs_resumes_and_reuses_the_journal(
+    ray_session, chat_server, coco_dir, tmp_path
+):
+    output = tmp_path / "mix.json"
+    paper = {"conversation": 58, "detail": 23, "complex": 77}
+    config = make_config(coco_dir, chat_server, output, mix=paper, pairs_per_image=1.5, batch_size=1)
+    images = load_coco(str(coco_dir / "coco" / "instances.json"), str(coco_dir / "coco" / "captions.json"))
+    assigned = {pair.sample_id for pair in plan_pairs(images, config, seed=0)[0]}
+    per_image = Counter(int(sample_id.split("-")[0]) for sample_id in assigned)
+    assert len(assigned) == 18 and set(per_image) == set(range(1, 13)) and set(per_image.values()) == {1, 2}
+
+    chat_server.unauthorized_after = 9  # stopped mid-way
+    with pytest.raises(ConfigError, match="rerun to resume"):
+        run_generate(config, seed=0)
+    journaled = set(Journal(f"{output}{JOURNAL_SUFFIX}").load())
+    assert 0 < len(journaled) <= 9 and journaled <= assigned
+
+    chat_server.unauthorized_after = None
+    chat_server.reset_counters()
+    report = run_generate(config, seed=0)  # the same assignment: only the rest is asked for
+    assert chat_server.requested() == assigned - journaled and set(chat_server.requests.values()) == {1}
+    assert report["mix"] == {
+        "images": 12,
+        "pairs_per_image": 1.5,
+        "shares": {"conversation": 0.367089, "detail": 0.14557, "complex": 0.487342},
+        "pairs": {"conversation": 6, "detail": 3, "complex": 9},
+    }
+    assert {kind: numbers["input"] for kind, numbers in report["by_type"].items()} == report["mix"]["pairs"]
+    assert report["input"] == report["written"] == 18 and set(read_output(output)) == assigned
+    assert report["requests"]["from_journal"] == len(journaled)
+    assert json.loads((output.parent / "report.json").read_text())["mix"] == report["mix"]
+
+    chat_server.reset_counters()
+    again = run_generate(config, seed=0)
+    assert sum(chat_server.requests.values()) == 0 and again["requests"]["from_journal"] == 18
+
+    # Two pairs per image: 24 pairs, 9 / 3 / 12. Replies still assigned are reused, the rest stay unused.
+    more = make_config(coco_dir, chat_server, output, mix=paper, pairs_per_image=2)
+    now_assigned = {pair.sample_id for pair in plan_pairs(images, more, seed=0)[0]}
+    chat_server.reset_counters()
+    report = run_generate(more, seed=0)
+    assert chat_server.requested() == now_assigned - assigned
+    assert report["mix"]["pairs"] == {"conversation": 9, "detail": 3, "complex": 12}
+    assert report["requests"]["from_journal"] == len(now_assigned & assigned)
+    assert report["requests"]["journal_unused"] == len(assigned - now_assigned)
+    assert set(read_output(output)) == now_assigned and report["written"] == 24
 
 
 def test_missing_images_and_captions_are_skipped_before_any_request(

@@ -5,7 +5,10 @@ Run it with ``llava-ray generate-data --config FILE [generate.key=value ...]`` o
 
 1. Before any request, every problem (unset or missing paths, no model, a bad prompt file, an
    unreadable annotations file) is collected into one :class:`~llava_ray.config.ConfigError`.
-2. One request per (image, response type): the symbolic context
+2. The (image, response type) pairs: every type of ``generate.types`` for every image, or with
+   ``generate.mix`` each type's share of ``round(images x pairs_per_image)`` pairs, spread over
+   the images by a seeded, rerun-stable assignment (:mod:`llava_ray.generation.mix`). One
+   request per pair: the symbolic context
    (:mod:`llava_ray.generation.context`) wrapped in the type's prompt
    (:mod:`llava_ray.generation.prompting`). Pairs that cannot be asked are skipped on the spot:
    ``no_captions``, and ``image_missing`` when ``image_root`` is set and lacks the image.
@@ -27,8 +30,10 @@ Run it with ``llava-ray generate-data --config FILE [generate.key=value ...]`` o
        skipped   {reason: count}: empty_reply, truncated, leaking, unparsable, duplicate,
                  request_failed, prompt_too_long (hf), no_captions, image_missing
        examples  {reason: [up to 5 "id: detail" strings]}
-       by_type   {type: {input, written, skipped}}
-       requests  {this_run, from_journal, attempts_this_run}
+       by_type   {type: {input, written, skipped}}: input is the pairs asked of that type
+       mix       {images, pairs_per_image, shares, pairs: {type: count}}, or null without a mix
+       requests  {this_run, from_journal, attempts_this_run, journal_unused}: journal_unused
+                 counts replies of pairs this config no longer asks for (another mix or limit)
        backend, model, seed, output_path, journal, elapsed_s
 
    ``input == written + sum(skipped)`` holds overall and per type, or the job fails.
@@ -54,6 +59,7 @@ from llava_ray.data.report import check_balance
 from llava_ray.endpoints.client import ClientSettings
 from llava_ray.endpoints.journal import JOURNAL_SUFFIX, Journal
 from llava_ray.generation.context import AnnotationError, ImageAnnotations, build_context, load_coco
+from llava_ray.generation.mix import assign_types
 from llava_ray.generation.parse import detail_instruction, llava_sample, parse_reply
 from llava_ray.generation.prompting import USES_BOXES, PromptError, PromptSet, build_messages, load_prompts
 from llava_ray.generation.workers import ENDPOINT_REFUSED, EndpointWorker, LocalModelWorker
@@ -101,16 +107,7 @@ def run_generate(config: GenerateConfig, seed: int = 0) -> dict[str, Any]:
     output = Path(config.output_path or "")  # set: _check_and_load refuses a config without it
     journal = Journal(f"{output}{JOURNAL_SUFFIX}")
 
-    pairs = [
-        PairRequest(
-            f"{image.image_id}-{response_type}",
-            response_type,
-            image,
-            posixpath.join(config.image_prefix, image.file_name) if config.image_prefix else image.file_name,
-        )
-        for image in images[: config.limit]
-        for response_type in config.types
-    ]
+    pairs, mix = plan_pairs(images[: config.limit], config, seed)
     preflight = _preflight_skips(pairs, config.image_root)
     done = journal.load()
     todo = [
@@ -125,13 +122,16 @@ def run_generate(config: GenerateConfig, seed: int = 0) -> dict[str, Any]:
     attempts = _request_replies(todo, prompts, config, seed, journal) if todo else 0
     records = journal.load()
 
-    samples, counts = _assemble(pairs, preflight, records, prompts, seed)
+    samples, counts = _assemble(pairs, config.response_types(), preflight, records, prompts, seed)
+    asked = {pair.sample_id for pair in pairs}
     report = {
         **counts,
+        "mix": mix,
         "requests": {
             "this_run": len(todo),
             "from_journal": len(pairs) - len(preflight) - len(todo),
             "attempts_this_run": attempts,
+            "journal_unused": sum(1 for sample_id in records if sample_id not in asked),
         },
         "backend": config.backend,
         "model": config.model if config.backend == "openai" else config.hf_model,
@@ -145,6 +145,40 @@ def run_generate(config: GenerateConfig, seed: int = 0) -> dict[str, Any]:
     _write_json_atomically(output.parent / REPORT_FILE, report)
     logger.info(f"{format_generate_summary(report)} -> {output}")
     return report
+
+
+def plan_pairs(
+    images: list[ImageAnnotations], config: GenerateConfig, seed: int
+) -> tuple[list[PairRequest], dict[str, Any] | None]:
+    """The pairs to ask for, image by image in annotation order, and the report's ``mix`` entry.
+
+    Without ``config.mix``: every type of ``config.types`` for every image (``mix`` is None).
+    """
+    if config.mix is None:
+        types_of = {image.image_id: tuple(config.types) for image in images}
+        mix = None
+    else:
+        shares = config.mix.shares()
+        per_image = config.pairs_per_image or 1.0
+        types_of = assign_types([image.image_id for image in images], shares, per_image, seed)
+        chosen = [t for types in types_of.values() for t in types]
+        mix = {
+            "images": len(images),
+            "pairs_per_image": per_image,
+            "shares": {name: round(share, 6) for name, share in shares.items()},
+            "pairs": {name: chosen.count(name) for name in shares},
+        }
+    pairs = [
+        PairRequest(
+            f"{image.image_id}-{response_type}",
+            response_type,
+            image,
+            posixpath.join(config.image_prefix, image.file_name) if config.image_prefix else image.file_name,
+        )
+        for image in images
+        for response_type in types_of[image.image_id]
+    ]
+    return pairs, mix
 
 
 def generate_problems(config: GenerateConfig) -> list[str]:
@@ -228,12 +262,13 @@ def actor_plan(config: GenerateConfig, requests: int, seed: int) -> ActorPlan:
 
 
 def format_generate_summary(report: dict[str, Any]) -> str:
-    """One line: pairs in, requests made, written, skips by reason."""
+    """One line: pairs in by type, requests made, written, skips by reason."""
     skipped = report["skipped"]
     reasons = ", ".join(f"{reason} {count}" for reason, count in skipped.items())
     requests = report["requests"]
+    per_type = ", ".join(f"{name} {numbers['input']}" for name, numbers in report["by_type"].items())
     return (
-        f"generate-data: {report['input']} pairs in ({requests['this_run']} requested now, "
+        f"generate-data: {report['input']} pairs in ({per_type}; {requests['this_run']} requested now, "
         f"{requests['from_journal']} from the journal), {report['written']} written, "
         f"{sum(skipped.values())} skipped{f' ({reasons})' if reasons else ''}; {report['elapsed_s']} s"
     )
@@ -243,7 +278,7 @@ def _check_and_load(config: GenerateConfig) -> tuple[list[ImageAnnotations], dic
     problems = generate_problems(config)
     prompts: dict[str, PromptSet] = {}
     try:
-        prompts = load_prompts(config.types, config.prompts_dir)
+        prompts = load_prompts(config.response_types(), config.prompts_dir)
     except PromptError as error:
         problems.append(f"generate.prompts_dir = {config.prompts_dir!r}: {error}")
     images: list[ImageAnnotations] = []
@@ -324,13 +359,13 @@ def _request_replies(
 
 def _assemble(
     pairs: list[PairRequest],
+    types: list[str],
     preflight: dict[str, tuple[str, str]],
     records: dict[str, dict[str, Any]],
     prompts: dict[str, PromptSet],
     seed: int,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The output samples in pair order, and the report's counts."""
-    types = list(dict.fromkeys(pair.response_type for pair in pairs))
+    """The output samples in pair order, and the report's counts (every type of ``types``, even with 0 pairs)."""
     inputs = dict.fromkeys(types, 0)
     written = dict.fromkeys(types, 0)
     skips = {t: SkipCounter() for t in types}
