@@ -102,6 +102,49 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scienceqa_convert(args: argparse.Namespace) -> int:
+    import json
+
+    from llava_ray.evaluation.scienceqa import convert_scienceqa
+
+    base = args.scienceqa_dir.rstrip("/")
+    try:
+        out = convert_scienceqa(
+            f"{base}/problems.json",
+            f"{base}/pid_splits.json",
+            args.image_root or f"{base}/images",
+            args.split,
+            args.out,
+            prompt_format=args.format,
+        )
+    except (OSError, ValueError) as error:  # a wrong folder or split: nothing was written
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    report = json.loads(out.with_name(f"{out.stem}.report.json").read_text())
+    skipped = (
+        f" ({sum(report['skipped'].values())} skipped: {report['skipped']})" if report["skipped"] else ""
+    )
+    print(
+        f"[scienceqa] wrote {report['written']} {args.format} samples of split {args.split} to {out}{skipped}"
+    )
+    return 0
+
+
+def cmd_scienceqa_ensemble(args: argparse.Namespace) -> int:
+    from llava_ray.evaluation.scienceqa_ensemble import format_table, run_ensemble
+
+    summary = run_ensemble(_config(args).evaluate)
+    print(format_table(summary))
+    return 1 if summary["requests"]["failed"] else 0
+
+
+def cmd_reference_answers(args: argparse.Namespace) -> int:
+    from llava_ray.evaluation.llava_bench_reference import answer_references
+
+    report = answer_references(_config(args).evaluate)  # logs its summary line
+    return 0 if report["written"] == report["questions"] else 1  # 1: rerun for the missing answers
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from llava_ray.data.synthetic import generate
 
@@ -193,6 +236,41 @@ def build_parser() -> argparse.ArgumentParser:
             "evaluate",
             cmd_evaluate,
             "evaluate a model: synthetic exact match, ScienceQA, LLM-judged LLaVA-Bench",
+        )
+    )
+    sqa_convert = add(
+        "scienceqa-convert",
+        cmd_scienceqa_convert,
+        "convert a ScienceQA release split to LLaVA samples (evaluation items or fine-tuning data)",
+    )
+    sqa_convert.add_argument(
+        "--scienceqa-dir", required=True, help="folder with problems.json and pid_splits.json"
+    )
+    sqa_convert.add_argument(
+        "--split", required=True, help="split of pid_splits.json (train, val, test, ...)"
+    )
+    sqa_convert.add_argument("--out", required=True, help="output LLaVA JSON file")
+    sqa_convert.add_argument(
+        "--format",
+        default="CQM-A",
+        choices=("CQM-A", "QCM-A", "QCM-LEA", "QCM-LEPA", "CQM-LEA", "CQM-LEPA"),
+        help="CQM-A: LLaVA-1.5 zero-shot evaluation (default); QCM-LEA: the paper's fine-tuning and its test",
+    )
+    sqa_convert.add_argument(
+        "--image-root", default=None, help="folder of {split}/{pid}/image.png (default: SCIENCEQA_DIR/images)"
+    )
+    _add_config_arguments(
+        add(
+            "scienceqa-ensemble",
+            cmd_scienceqa_ensemble,
+            "ScienceQA with a text-only LLM as judge: its answers, a requery where it and the model disagree",
+        )
+    )
+    _add_config_arguments(
+        add(
+            "reference-answers",
+            cmd_reference_answers,
+            "write LLaVA-Bench reference answers with a text-only LLM given each image's context",
         )
     )
     # `chat` has its own parser (llava_ray.evaluation.chat); listed here for --help.

@@ -224,8 +224,9 @@ def test_every_problem_is_reported_before_any_work(tmp_path):
     with pytest.raises(ConfigError) as raised:
         run_evaluate(config)
     message = str(raised.value)
-    assert "5 problem(s)" in message
+    assert "6 problem(s)" in message
     assert "evaluate.model is not set" in message
+    assert "evaluate.context is not set" in message
     assert f"evaluate.data_path={str(tmp_path / 'nope.jsonl')!r} does not exist" in message
     assert "evaluate.reference_answers is not set" in message
     assert "evaluate.judge.model is not set" in message

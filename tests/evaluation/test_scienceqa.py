@@ -1,4 +1,8 @@
-"""ScienceQA: conversion of the release layout, LLaVA-1.5's answer extraction, scoring, a whole run."""
+"""ScienceQA: conversion of the release layout, LLaVA-1.5's answer extraction, scoring, a whole run.
+
+The fine-tuning protocol (QCM-LEA training data through prepare) and the LLM-judge ensemble are in
+``test_scienceqa_protocols.py``.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from PIL import Image
 from llava_ray.config.evaluation import EvaluateConfig
 from llava_ray.evaluation.items import Outcome, load_eval_items
 from llava_ray.evaluation.job import run_evaluate
-from llava_ray.evaluation.scienceqa import convert_scienceqa, extract_choice, score
+from llava_ray.evaluation.scienceqa import convert_scienceqa, extract_choice, scienceqa_prompt, score
 
 SUFFIX = "\nAnswer with the option's letter from the given choices directly."
 PROBLEMS = {
@@ -92,6 +96,7 @@ def converted(release):
 
 
 def test_conversion_writes_the_reference_prompt(converted):
+    """llava_test_CQM-A.json as model_vqa_science --single-pred-prompt sees it: context, question, options."""
     items = json.loads(converted.read_text())
     assert [item["id"] for item in items] == ["1", "2", "3"]
     first, second, third = items
@@ -99,20 +104,33 @@ def test_conversion_writes_the_reference_prompt(converted):
     assert first["conversations"] == [
         {
             "from": "human",
-            "value": "<image>\nWhich color is the square?\nContext: N/A\nOptions: (A) red (B) blue (C) green"
+            "value": "<image>\nContext: N/A\nQuestion: Which color is the square?\nOptions: (A) red (B) blue (C) green"
             + SUFFIX,
         },
-        {"from": "gpt", "value": "A"},
+        {"from": "gpt", "value": "The answer is A."},
     ]
     assert second["conversations"][0]["value"] == (
-        "Which word is a noun?\nContext: Nouns name things.\nOptions: (A) run (B) table" + SUFFIX
+        "Context: Nouns name things.\nQuestion: Which word is a noun?\nOptions: (A) run (B) table" + SUFFIX
     )
     assert third["conversations"][0]["value"] == (
-        "<image>\nWhich state is highlighted?\nContext: N/A\nOptions: (A) Ohio (B) Utah (C) Iowa (D) Maine"
+        "<image>\nContext: N/A\nQuestion: Which state is highlighted?\nOptions: (A) Ohio (B) Utah (C) Iowa (D) Maine"
         + SUFFIX
     )
     assert [item["answer"] for item in items] == ["A", "B", "D"]
     assert second["subject"] == "language science" and third["choices"] == ["Ohio", "Utah", "Iowa", "Maine"]
+
+
+def test_double_spaces_collapse_in_one_pass_as_the_reference_does():
+    problem = {
+        "question": "Which  word is   a noun?",  # two spaces become one; three become two (one pass)
+        "choices": ["run ", "table"],  # "(A) run  (B) table" collapses too
+        "answer": 1,
+        "hint": " Nouns  name things. ",
+    }
+    assert scienceqa_prompt(problem, has_image=False) == (
+        "Context: Nouns name things.\nQuestion: Which word is  a noun?\nOptions: (A) run (B) table" + SUFFIX
+    )
+    assert scienceqa_prompt(problem, has_image=True).startswith("<image>\nContext: Nouns name things.\n")
 
 
 def test_problems_without_their_image_are_skipped_and_counted(converted):
@@ -143,6 +161,10 @@ def test_unknown_split_is_an_error(release, tmp_path):
         ("B. table", 2, "B"),
         ("The answer is D.", 4, "D"),
         ("I think so. The answer is B. It names a thing.", 2, "B"),
+        # The reference's dot is unescaped: any character after the letter counts.
+        ("The answer is B because a table is a thing.", 2, "B"),
+        ("The answer is B, table.", 2, "B"),
+        ("The answer is B\n", 2, None),  # stripped first: nothing follows the letter
         ("The answer is A. The answer is B.", 2, None),  # twice: wrong
         ("The answer is A. The answer is A.", 2, None),  # twice, even when they agree
         ("The answer is B", 2, None),  # no full stop
@@ -163,7 +185,7 @@ def test_scoring_by_hand(converted, release):
     items = load_eval_items(str(converted), str(release / "images"))
     assert items[0].image == str(release / "images" / "test" / "1" / "image.png") and items[1].image is None
     outcomes = {
-        "1": Outcome("A"),  # correct, image, natural science
+        "1": Outcome("The answer is A, red."),  # correct, image, natural science
         "2": Outcome("The answer is A."),  # wrong (B), no image, language science
         "3": Outcome("Maine"),  # unparsable: wrong, image, social science
     }
@@ -171,7 +193,7 @@ def test_scoring_by_hand(converted, release):
     metrics = summary["metrics"]
     assert metrics["accuracy"] == 1 / 3
     assert metrics["accuracy/image"] == 1 / 2 and metrics["accuracy/no_image"] == 0.0
-    assert metrics["unparsable"] == 1 and metrics["unparsable_rate"] == 1 / 3
+    assert metrics["unparsable"] == 1 and metrics["unparsable_rate"] == 1 / 3 and metrics["failed"] == 0
     assert metrics["accuracy/subject/natural science"] == 1.0
     assert metrics["accuracy/subject/social science"] == 0.0
     assert summary["by_subject"]["language science"] == {"count": 1, "correct": 0, "accuracy": 0.0}
@@ -180,6 +202,29 @@ def test_scoring_by_hand(converted, release):
         ("A", False, False),
         (None, False, True),
     ]
+
+
+def test_a_failed_prediction_counts_as_wrong(converted, release):
+    """The reference scores a problem without a prediction as FAILED: wrong, in the denominator."""
+    items = load_eval_items(str(converted), str(release / "images"))
+    outcomes = {
+        "1": Outcome("A"),
+        "2": Outcome("B"),
+        "3": Outcome(None, error="prompt_too_long", detail="2100 tokens > 2048"),
+    }
+    rows, summary = score(items, outcomes)
+    metrics = summary["metrics"]
+    assert metrics["accuracy"] == 2 / 3 and metrics["accuracy/image"] == 1 / 2
+    assert metrics["failed"] == 1 and metrics["unparsable"] == 0
+    assert summary["by_subject"]["social science"] == {"count": 1, "correct": 0, "accuracy": 0.0}
+    assert rows[2]["error"] == "prompt_too_long" and rows[2]["correct"] is False and rows[2]["parsed"] is None
+
+
+def test_the_docstring_no_longer_claims_a_random_fallback():
+    from llava_ray.evaluation import scienceqa
+
+    assert "random option)" not in scienceqa.__doc__
+    assert "never runs" in scienceqa.__doc__
 
 
 def test_scienceqa_end_to_end(trained_model_dir, converted, release, tmp_path):

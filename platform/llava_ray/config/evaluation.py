@@ -27,6 +27,38 @@ class JudgeConfig(EndpointConfig):
     max_concurrency: int = Field(4, gt=0, description="Review requests in flight at once.")
 
 
+class ReferenceConfig(EndpointConfig):
+    """The text-only LLM that writes ``llava_bench`` reference answers from the symbolic context."""
+
+    temperature: float = Field(
+        0.2, ge=0, le=2, description="Sampling temperature of reference answers (not published; the judge's)."
+    )
+    max_concurrency: int = Field(4, gt=0, description="Reference-answer requests in flight at once.")
+
+
+class ScienceQAEnsembleConfig(EndpointConfig):
+    """The text-only LLM of ``llava-ray scienceqa-ensemble`` (the paper's GPT-4 answerer and judge)."""
+
+    scienceqa_dir: str | None = Field(
+        None,
+        description="ScienceQA release folder holding problems.json and pid_splits.json (data/scienceqa).",
+    )
+    split: str = Field("test", description="Split of pid_splits.json the model's results.jsonl answers.")
+    results: str | None = Field(
+        None, description="The model's results.jsonl of a scienceqa evaluate run (default: output_dir's)."
+    )
+    shots: int = Field(
+        2,
+        ge=0,
+        description="Worked train-split examples before each question (the paper's number is not published).",
+    )
+    shot_seed: int = Field(10, description="Seed of the shots' random choice from the train split.")
+    temperature: float = Field(
+        0.0, ge=0, le=2, description="Sampling temperature (not published; 0: greedy)."
+    )
+    max_concurrency: int = Field(4, gt=0, description="Requests in flight at once.")
+
+
 class EvaluateConfig(BaseModel):
     """Evaluation of a trained model: batched generation on Ray actors, scoring, MLflow."""
 
@@ -44,7 +76,12 @@ class EvaluateConfig(BaseModel):
         description="Eval file: eval.json, convert_scienceqa's output, or LLaVA-Bench questions.jsonl.",
     )
     reference_answers: str | None = Field(
-        None, description="llava_bench only: reference answers, JSON lines {question_id, text}."
+        None,
+        description="llava_bench only: reference answers, JSON lines {question_id, text} (reference-answers writes it).",
+    )
+    context: str | None = Field(
+        None,
+        description="llava_bench only: the images' descriptions: context.jsonl (In-the-Wild) or caps_boxes (COCO).",
     )
     image_root: str | None = Field(
         None, description="Folder the items' image paths are relative to (default: data_path's folder)."
@@ -57,7 +94,8 @@ class EvaluateConfig(BaseModel):
         Field(None, description="Conversation template (default: the one stored with the model).")
     )
     image_aspect: Literal["pad", "crop", "resize"] = Field(
-        "pad", description="How images become square, as in training (pad: CLIP mean colour, LLaVA-1.5)."
+        "pad",
+        description="How images become square, as in training (pad: the tower's mean colour, LLaVA-1.5).",
     )
     batch_size: int = Field(16, gt=0, description="Prompts generated together by one actor.")
     max_new_tokens: int | None = Field(
@@ -73,6 +111,13 @@ class EvaluateConfig(BaseModel):
     num_cpus_per_actor: float = Field(1, gt=0, description="CPUs reserved per actor.")
     limit: int | None = Field(None, gt=0, description="Evaluate only the first N items.")
     judge: JudgeConfig = Field(default_factory=JudgeConfig, description="LLM judge of llava_bench.")
+    reference: ReferenceConfig = Field(
+        default_factory=ReferenceConfig, description="Text-only LLM of `llava-ray reference-answers`."
+    )
+    scienceqa_ensemble: ScienceQAEnsembleConfig = Field(
+        default_factory=ScienceQAEnsembleConfig,
+        description="Text-only LLM and judge of `llava-ray scienceqa-ensemble` (ScienceQA with GPT-4 as judge).",
+    )
 
     def resolved_max_new_tokens(self) -> int:
         """``max_new_tokens``, or the benchmark's default."""

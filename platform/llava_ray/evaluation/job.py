@@ -78,7 +78,17 @@ def evaluate_problems(config: EvaluateConfig, check_model: bool = True) -> list[
                 "evaluate.reference_answers is not set; llava_bench needs the reference answers file"
             )
         elif not _exists(config.reference_answers):
-            problems.append(f"evaluate.reference_answers={config.reference_answers!r} does not exist")
+            problems.append(
+                f"evaluate.reference_answers={config.reference_answers!r} does not exist; "
+                "`llava-ray reference-answers` writes it from the questions and their contexts"
+            )
+        if not config.context:
+            problems.append(
+                "evaluate.context is not set; llava_bench's judge reads each image's description from "
+                "context.jsonl (In-the-Wild) or caps_boxes_coco2014_val_80.jsonl (COCO)"
+            )
+        elif not _exists(config.context):
+            problems.append(f"evaluate.context={config.context!r} does not exist")
         if not config.judge.model:
             problems.append("evaluate.judge.model is not set; llava_bench needs a judge model (e.g. gpt-4o)")
     if config.num_actors == 0 and config.num_gpus_per_actor > 0:
@@ -121,7 +131,7 @@ def _evaluate(config: EvaluateConfig, seed: int) -> tuple[dict[str, Any], list[P
     data_path = str(config.data_path)
     references: dict[str, str] = {}
     if config.benchmark == "llava_bench":
-        items = judge.load_items(data_path, config.image_root, config.limit)
+        items = judge.load_items(data_path, str(config.context), config.image_root, config.limit)
         references = judge.load_references(str(config.reference_answers))
         missing = judge.missing_references(items, references)
         if missing:
@@ -207,7 +217,9 @@ def headline(summary: dict[str, Any]) -> str:
     name = "accuracy" if "accuracy" in metrics else "relative score"
     shown = "n/a" if main is None else f"{main:.4f}" if name == "accuracy" else f"{main:.1f}"
     skipped = sum(counts["skipped"].values())
-    return f"{name} {shown} on {counts['answered']}/{counts['items']} items" + (
+    # ScienceQA counts unanswered items as wrong: its accuracy stands on every item, unparsable beside it.
+    unparsable = f", {metrics['unparsable']} unparsable" if "unparsable" in metrics else ""
+    return f"{name} {shown} on {counts['answered']}/{counts['items']} items{unparsable}" + (
         f" ({skipped} skipped: {counts['skipped']})" if skipped else ""
     )
 
@@ -222,11 +234,12 @@ def metric_values(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 @contextmanager
-def staged_output(output_dir: str) -> Iterator[Path]:
+def staged_output(output_dir: str, journals: Sequence[str] = (judge.REVIEWS_FILE,)) -> Iterator[Path]:
     """A local folder for the outputs; for an ``s3://`` output_dir, a cache folder uploaded at the end.
 
-    A remote reviews journal is fetched first, so a rerun resumes there too. The staged files stay
-    in the cache after the upload (MLflow logs them from there).
+    The remote ``journals`` (file names; the reviews journal by default) are fetched first, so a
+    rerun resumes there too. The staged files stay in the cache after the upload (MLflow logs them
+    from there).
     """
     if not is_remote(output_dir):
         local = Path(output_dir)
@@ -239,9 +252,9 @@ def staged_output(output_dir: str) -> Iterator[Path]:
     # The remote folder is the truth: a previous run's staged files must not leak into this one.
     shutil.rmtree(local, ignore_errors=True)
     local.mkdir(parents=True)
-    journal = f"{remote}/{judge.REVIEWS_FILE}"
-    if fs.exists(journal):
-        fs.get(journal, str(local / judge.REVIEWS_FILE))
+    for name in journals:
+        if fs.exists(f"{remote}/{name}"):
+            fs.get(f"{remote}/{name}", str(local / name))
     try:
         yield local
     finally:

@@ -1,19 +1,27 @@
-"""LLaVA-Bench-style evaluation: an LLM judge scores the model's answers against reference answers.
+"""LLaVA-Bench: an LLM judge scores the model's answers against reference answers.
 
-Input files (LLaVA-Bench's JSON lines layout; a JSON array works too)::
+Input (LLaVA-Bench's official layouts, :mod:`.llava_bench`)::
 
-    questions.jsonl   {"question_id": 0, "image": "001.jpg", "text": "What is unusual about this image?",
-                       "category": "complex", "context": "A man irons clothes on a board on a taxi's roof ..."}
-    answers.jsonl     {"question_id": 0, "text": "<the reference answer, e.g. GPT-4's>"}
+    evaluate.data_path          questions.jsonl  {"question_id": 0, "image": "001.jpg", "text": "...", "category": "conv"}
+    evaluate.context            context.jsonl {image, caption} (In-the-Wild) or
+                                caps_boxes_coco2014_val_80.jsonl {image, captions, instances} (COCO)
+    evaluate.reference_answers  answers_gpt4.jsonl {"question_id": 0, "text": "..."}
+                                (or ``llava-ray reference-answers``' output, :mod:`.llava_bench_reference`)
 
-``image`` is relative to ``evaluate.image_root`` (absent: a text-only question); ``category`` is
-``conversation`` (or LLaVA-Bench's ``conv``), ``detail`` or ``complex`` (others are reported
-under their own name); ``context`` is the symbolic description of the image the text-only judge
-reads instead of the image (captions, ``object: [x1, y1, x2, y2]`` boxes), ``N/A`` when absent.
+``image`` is relative to ``evaluate.image_root``; ``category`` is ``conv`` (or ``conversation``),
+``detail`` or ``complex``, reported as conversation, detail, complex. Every question needs its
+image's description in the context file; one without it stops the run before any model is
+loaded (never a silent ``[Context] N/A``).
 
-For each question the judge (any OpenAI-compatible chat-completions endpoint) gets the context,
-the question, the reference answer as Assistant 1 and the model's answer as Assistant 2, and is
-asked for two scores from 1 to 10 on its FIRST line (``"8 7"`` or ``"8, 7"``), then an
+For each question the judge (any OpenAI-compatible chat-completions endpoint, temperature 0.2 by
+default as the reference) gets the system message ``You are a helpful and precise assistant for
+checking the quality of the answer.`` and, as the reference's ``eval_gpt_review_bench.py`` /
+``eval_gpt_review_visual.py`` build it::
+
+    [Context]\n{context}\n\n[Question]\n{question}\n\n[Assistant 1]\n{reference}\n\n[End of Assistant 1]\n\n
+    [Assistant 2]\n{answer}\n\n[End of Assistant 2]\n\n[System]\n{rule.json's text for the layout}\n\n
+
+and is asked for two scores from 1 to 10 on its FIRST line (``"8 7"`` or ``"8, 7"``), then an
 explanation. Relative score = mean(model) / mean(reference) x 100, per category and overall.
 A review whose first line is not two scores in 1-10 is *unparsable*: counted and excluded (the
 reference code averaged it in as -1). A request that fails after its retries is counted as
@@ -21,21 +29,23 @@ reference code averaged it in as -1). A request that fails after its retries is 
 
 Requests run ``max_concurrency`` at a time with retries and exponential backoff on 429, 5xx and
 timeouts (:class:`llava_ray.endpoints.client.ChatClient`). Every review is appended to
-``reviews.jsonl`` (one JSON line, flushed) as it arrives; a rerun skips the ids already reviewed
-for the same answer and reference, so an interrupted run resumes where it stopped.
+``reviews.jsonl`` (one JSON line, flushed) as it arrives; a rerun reuses a review only when the
+judge model and everything it read (context, question, both answers, rule) are unchanged, so an
+interrupted run resumes where it stopped and a review made from other inputs is never reused.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llava_ray.config.evaluation import JudgeConfig
-from llava_ray.endpoints.client import ChatClient, ClientSettings, EndpointError, RequestFailed
+from llava_ray.endpoints.client import ChatClient, ClientSettings, Completion
 from llava_ray.endpoints.journal import Journal
 from llava_ray.evaluation.items import (
     EvalItem,
@@ -46,29 +56,13 @@ from llava_ray.evaluation.items import (
     read_records,
     with_image_placeholder,
 )
+from llava_ray.evaluation.llava_bench import JUDGE_ROLE, failed_examples, load_questions, request_all
 
-CATEGORY_NAMES = {
-    "conv": "conversation",
-    "conversation": "conversation",
-    "detail": "detail",
-    "complex": "complex",
-}
 REVIEWS_FILE = "reviews.jsonl"
 SCORE_RANGE = (1.0, 10.0)
+SECTION = "evaluate.judge"
 
 JUDGE_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
-JUDGE_INSTRUCTION = (
-    "We would like to request your feedback on the performance of two AI assistants in response to the user "
-    "question displayed above. The user asks the question on observing an image. For your reference, the visual "
-    "content in the image is represented with a few sentences describing the image.\n"
-    "Please rate the helpfulness, relevance, accuracy, level of details of their responses. Each assistant "
-    "receives an overall score on a scale of 1 to 10, where a higher score indicates better overall performance.\n"
-    "Please first output a single line containing only two values indicating the scores for Assistant 1 and 2, "
-    "respectively. The two scores are separated by a space.\n"
-    "In the subsequent line, please provide a comprehensive explanation of your evaluation, avoiding any "
-    "potential bias and ensuring that the order in which the responses were presented does not affect your "
-    "judgment."
-)
 
 
 @dataclass(frozen=True)
@@ -76,11 +70,13 @@ class ReviewRequest:
     """What the judge sees for one question."""
 
     id: str
-    category: str
+    category: str  # as reported: conversation, detail, complex
     context: str
     question: str
     reference: str
     answer: str
+    rule: str  # rule.json's judge text for the question's layout and category
+    rule_key: str = ""  # its key in rule.json (llava_bench_conv, conv, ...), kept in the review
 
 
 @dataclass(frozen=True)
@@ -96,30 +92,23 @@ class ReviewRun:
 # ---- input ---------------------------------------------------------------------------------------
 
 
-def category_name(raw: Any) -> str:
-    return CATEGORY_NAMES.get(str(raw).strip().lower(), str(raw).strip().lower() or "uncategorized")
-
-
 def load_items(
-    questions_path: str, image_root: str | None = None, limit: int | None = None
+    questions_path: str, context_path: str, image_root: str | None = None, limit: int | None = None
 ) -> list[EvalItem]:
-    """LLaVA-Bench questions (format in the module docstring) as evaluation items."""
+    """LLaVA-Bench questions with their contexts (layouts in the module docstring) as evaluation items."""
     root = image_root or default_image_root(questions_path)
     items = []
-    for index, record in enumerate(read_records(questions_path)[:limit]):
-        if "question_id" not in record or not isinstance(record.get("text"), str):
-            raise ValueError(
-                f"{questions_path} item {index} has no 'question_id' or no 'text'; expected LLaVA-Bench's "
-                "{question_id, image, text, category, context?} lines"
-            )
-        location = image_location(record["image"], root) if record.get("image") else None
-        turns = with_image_placeholder([{"from": "human", "value": record["text"]}], location is not None)
+    for question in load_questions(questions_path, context_path, limit):
+        location = image_location(question.image, root)
+        turns = with_image_placeholder([{"from": "human", "value": question.text}], True)
         fields = {
-            "category": category_name(record.get("category", "")),
-            "context": record.get("context"),
-            "text": record["text"],  # what the judge reads: the question without the model's <image>
+            "category": question.category_name,
+            "context": question.context,
+            "rule": question.judge_rule,
+            "rule_key": question.rule_key,
+            "text": question.text,  # what the judge reads: the question without the model's <image>
         }
-        items.append(EvalItem(str(record["question_id"]), turns, location, fields))
+        items.append(EvalItem(question.id, turns, location, fields))
     return items
 
 
@@ -144,12 +133,18 @@ def missing_references(items: Sequence[EvalItem], references: Mapping[str, str])
 
 def judge_messages(request: ReviewRequest) -> list[dict[str, str]]:
     """The chat messages of one review: context, question, Assistant 1 = reference, 2 = the model."""
+    if not request.context.strip():
+        raise ValueError(
+            f"question {request.id} has no context; the judge must read the image's description "
+            "(load questions with llava_ray.evaluation.llava_bench.load_questions)"
+        )
+    role = JUDGE_ROLE
     content = (
-        f"[Context]\n{request.context or 'N/A'}\n\n"
+        f"[Context]\n{request.context}\n\n"
         f"[Question]\n{request.question}\n\n"
-        f"[Assistant 1]\n{request.reference}\n\n[End of Assistant 1]\n\n"
-        f"[Assistant 2]\n{request.answer}\n\n[End of Assistant 2]\n\n"
-        f"[System]\n{JUDGE_INSTRUCTION}\n\n"
+        f"[{role} 1]\n{request.reference}\n\n[End of {role} 1]\n\n"
+        f"[{role} 2]\n{request.answer}\n\n[End of {role} 2]\n\n"
+        f"[System]\n{request.rule}\n\n"
     )
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": content}]
 
@@ -177,67 +172,58 @@ def client_settings(config: JudgeConfig) -> ClientSettings:
     return ClientSettings.from_config(config, config.temperature)
 
 
+def review_fingerprint(model: str, request: ReviewRequest) -> str:
+    """What a review judged: the judge model and its messages; any change asks again."""
+    key = json.dumps([model, judge_messages(request)], ensure_ascii=False)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
 def review_answers(
     requests: Sequence[ReviewRequest], config: JudgeConfig, reviews_path: str | Path
 ) -> ReviewRun:
     """Review every request not already in ``reviews_path`` (see the module docstring)."""
+    settings = client_settings(config)
+    fingerprints = {request.id: review_fingerprint(settings.model, request) for request in requests}
     journal = Journal(reviews_path)
     known = journal.load()
     done = {
         request.id: known[request.id]
         for request in requests
-        if request.id in known
-        and known[request.id].get("answer") == request.answer
-        and known[request.id].get("reference") == request.reference
+        if known.get(request.id, {}).get("fingerprint") == fingerprints[request.id]
     }
-    todo = [request for request in requests if request.id not in done]
+    todo = {request.id: request for request in requests if request.id not in done}
     records = dict(done)
-    failed: dict[str, str] = {}
-    if todo:
-        client = ChatClient(client_settings(config))
-        with journal.appender() as append, ThreadPoolExecutor(config.max_concurrency, "judge") as pool:
-            futures = {pool.submit(client.complete, judge_messages(request)): request for request in todo}
-            pending = set(futures)
-            while pending:
-                finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                for future in finished:
-                    request = futures[future]
-                    try:
-                        completion = future.result()
-                    except RequestFailed as failure:
-                        failed[request.id] = failure.detail
-                        continue
-                    except EndpointError as error:
-                        for other in pending:
-                            other.cancel()
-                        raise EndpointError(_judge_hint(error)) from None
-                    record = review_record(request, completion.text)
-                    append(record)
-                    records[request.id] = record
+    with journal.appender() as append:
+
+        def record(key: str, completion: Completion) -> None:
+            records[key] = review_record(todo[key], completion.text, fingerprints[key])
+            append(records[key])
+
+        failed = request_all(
+            ChatClient(settings),
+            {key: judge_messages(request) for key, request in todo.items()},
+            config.max_concurrency,
+            record,
+            SECTION,
+        )
     return ReviewRun(records, requests=len(todo), from_journal=len(done), failed=failed)
 
 
-def review_record(request: ReviewRequest, review: str) -> dict[str, Any]:
+def review_record(request: ReviewRequest, review: str, fingerprint: str) -> dict[str, Any]:
     """One reviews.jsonl line; ``scores`` is ``[reference, model]`` or None when unparsable."""
     scores = parse_scores(review)
     return {
         "id": request.id,
         "category": request.category,
+        "rule": request.rule_key,
+        "context": request.context,
         "question": request.question,
         "reference": request.reference,
         "answer": request.answer,
         "review": review,
         "scores": list(scores) if scores else None,
+        "fingerprint": fingerprint,
     }
-
-
-def _judge_hint(error: EndpointError) -> str:
-    """The client's message, pointing at the judge's settings instead of the generate section's."""
-    problem = str(error).split(": every request would fail", 1)[0]
-    return (
-        f"the judge endpoint refuses requests: {problem}. Check evaluate.judge.base_url (or $OPENAI_BASE_URL), "
-        "evaluate.judge.model and the API key (evaluate.judge.api_key or $OPENAI_API_KEY)"
-    )
 
 
 # ---- scores --------------------------------------------------------------------------------------
@@ -282,10 +268,12 @@ def score(
         ReviewRequest(
             id=item.id,
             category=item.fields["category"],
-            context=str(item.fields.get("context") or ""),
+            context=item.fields["context"],
             question=item.fields["text"],
             reference=references[item.id],
             answer=outcomes[item.id].prediction or "",
+            rule=item.fields["rule"],
+            rule_key=item.fields["rule_key"],
         )
         for item in items
         if outcomes[item.id].error is None
@@ -318,6 +306,6 @@ def score(
         "requests": run.requests,
         "from_journal": run.from_journal,
         "review_failed": len(run.failed),
-        "failed_examples": [f"{key}: {value}" for key, value in list(run.failed.items())[:5]],
+        "failed_examples": failed_examples(run.failed),
     }
     return rows, {"metrics": metrics, "by_category": table, "judge": judge}
