@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     sqa_convert.add_argument(
         "--format",
         default="CQM-A",
-        choices=("CQM-A", "QCM-A", "QCM-LEA", "QCM-LEPA", "CQM-LEA", "CQM-LEPA"),
+        # The formats are checked by the converter (scienceqa.PROMPT_FORMATS): an unknown one exits 2 listing them.
         help="CQM-A: LLaVA-1.5 zero-shot evaluation (default); QCM-LEA: the paper's fine-tuning and its test",
     )
     sqa_convert.add_argument(

@@ -28,7 +28,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -265,3 +266,56 @@ def _retry_after_seconds(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+def request_all(
+    client: ChatClient,
+    messages: Mapping[str, list[dict[str, str]]],
+    max_concurrency: int,
+    on_reply: Callable[[str, Completion], None],
+    section: str,
+    label: str | None = None,
+) -> dict[str, str]:
+    """Send every ``id -> messages`` request, ``max_concurrency`` at a time; ``on_reply`` each reply.
+
+    Returns ``id -> why`` for requests that failed after their retries. An endpoint that refuses
+    requests outright (401/403/404) stops the rest and raises :class:`EndpointError` naming the
+    config ``section`` (``evaluate.judge``, ``evaluate.reference``); ``label`` names the endpoint in
+    it (default: the section's last part).
+    """
+    failed: dict[str, str] = {}
+    if not messages:
+        return failed
+    with ThreadPoolExecutor(max_concurrency, section.rsplit(".", 1)[-1]) as pool:
+        futures = {pool.submit(client.complete, request): key for key, request in messages.items()}
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for future in finished:
+                key = futures[future]
+                try:
+                    completion = future.result()
+                except RequestFailed as failure:
+                    failed[key] = failure.detail
+                    continue
+                except EndpointError as error:
+                    for other in pending:
+                        other.cancel()
+                    raise EndpointError(endpoint_hint(error, section, label)) from None
+                on_reply(key, completion)
+    return failed
+
+
+def endpoint_hint(error: EndpointError, section: str, label: str | None = None) -> str:
+    """The client's message, pointing at ``section``'s settings instead of the generate section's."""
+    problem = str(error).split(": every request would fail", 1)[0]
+    name = label or section.rsplit(".", 1)[-1]
+    return (
+        f"the {name} endpoint refuses requests: {problem}. Check {section}.base_url (or $OPENAI_BASE_URL), "
+        f"{section}.model and the API key ({section}.api_key or $OPENAI_API_KEY)"
+    )
+
+
+def failed_examples(failed: Mapping[str, str], count: int = 5) -> list[str]:
+    """Up to ``count`` ``"id: why"`` lines of :func:`request_all`'s failures, for reports."""
+    return [f"{key}: {value}" for key, value in list(failed.items())[:count]]

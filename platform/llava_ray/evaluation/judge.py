@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from llava_ray.config.evaluation import JudgeConfig
-from llava_ray.endpoints.client import ChatClient, ClientSettings, Completion
+from llava_ray.endpoints.client import ChatClient, ClientSettings, Completion, failed_examples, request_all
 from llava_ray.endpoints.journal import Journal
 from llava_ray.evaluation.items import (
     EvalItem,
@@ -56,7 +56,7 @@ from llava_ray.evaluation.items import (
     read_records,
     with_image_placeholder,
 )
-from llava_ray.evaluation.llava_bench import JUDGE_ROLE, failed_examples, load_questions, request_all
+from llava_ray.evaluation.llava_bench import JUDGE_ROLE, load_questions
 
 REVIEWS_FILE = "reviews.jsonl"
 SCORE_RANGE = (1.0, 10.0)

@@ -30,13 +30,11 @@ reference code stops on the first such question with a ``KeyError`` or an assert
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from llava_ray.config.loader import ConfigError
-from llava_ray.endpoints.client import ChatClient, Completion, EndpointError, RequestFailed
 from llava_ray.evaluation.items import read_records
 from llava_ray.utils.skips import SkipCounter
 
@@ -240,53 +238,3 @@ _WHY = {
 
 
 # ---- requests ------------------------------------------------------------------------------------
-
-
-def request_all(
-    client: ChatClient,
-    messages: Mapping[str, list[dict[str, str]]],
-    max_concurrency: int,
-    on_reply: Callable[[str, Completion], None],
-    section: str,
-) -> dict[str, str]:
-    """Send every ``id -> messages`` request, ``max_concurrency`` at a time; ``on_reply`` each reply.
-
-    Returns ``id -> why`` for requests that failed after their retries. An endpoint that refuses
-    requests outright (401/403/404) stops the rest and raises :class:`EndpointError` naming the
-    config ``section`` (``evaluate.judge``, ``evaluate.reference``).
-    """
-    failed: dict[str, str] = {}
-    if not messages:
-        return failed
-    with ThreadPoolExecutor(max_concurrency, section.rsplit(".", 1)[-1]) as pool:
-        futures = {pool.submit(client.complete, request): key for key, request in messages.items()}
-        pending = set(futures)
-        while pending:
-            finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
-            for future in finished:
-                key = futures[future]
-                try:
-                    completion = future.result()
-                except RequestFailed as failure:
-                    failed[key] = failure.detail
-                    continue
-                except EndpointError as error:
-                    for other in pending:
-                        other.cancel()
-                    raise EndpointError(endpoint_hint(error, section)) from None
-                on_reply(key, completion)
-    return failed
-
-
-def endpoint_hint(error: EndpointError, section: str) -> str:
-    """The client's message, pointing at ``section``'s settings instead of the generate section's."""
-    problem = str(error).split(": every request would fail", 1)[0]
-    name = section.rsplit(".", 1)[-1]
-    return (
-        f"the {name} endpoint refuses requests: {problem}. Check {section}.base_url (or $OPENAI_BASE_URL), "
-        f"{section}.model and the API key ({section}.api_key or $OPENAI_API_KEY)"
-    )
-
-
-def failed_examples(failed: Mapping[str, str], count: int = 5) -> list[str]:
-    return [f"{key}: {value}" for key, value in list(failed.items())[:count]]

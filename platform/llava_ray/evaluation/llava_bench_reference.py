@@ -41,14 +41,13 @@ from typing import Any
 
 from llava_ray.config.evaluation import EvaluateConfig
 from llava_ray.config.loader import ConfigError
-from llava_ray.endpoints.client import ChatClient, ClientSettings, Completion, EndpointError
+from llava_ray.endpoints.client import ChatClient, ClientSettings, Completion, EndpointError, request_all
 from llava_ray.endpoints.journal import JOURNAL_SUFFIX, Journal
 from llava_ray.evaluation.llava_bench import (
     CONTEXT_DESCRIPTIONS,
     BenchQuestion,
     Layout,
     load_questions,
-    request_all,
 )
 from llava_ray.utils.skips import SkipCounter
 from llava_ray.utils.storage import filesystem, is_remote

@@ -50,14 +50,13 @@ import json
 import random
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llava_ray.config.evaluation import EvaluateConfig, ScienceQAEnsembleConfig
 from llava_ray.config.loader import ConfigError
-from llava_ray.endpoints.client import ChatClient, ClientSettings, EndpointError, RequestFailed
+from llava_ray.endpoints.client import ChatClient, ClientSettings, Completion, failed_examples, request_all
 from llava_ray.endpoints.journal import Journal
 from llava_ray.evaluation.items import accuracy, read_records
 from llava_ray.evaluation.job import RESULTS_FILE, staged_output
@@ -187,41 +186,24 @@ def ask_all(
     if not todo:
         return result
     result.requested = len(todo)
-    with ThreadPoolExecutor(max_concurrency, "scienceqa-llm") as pool:
-        futures = {pool.submit(chat.complete, ask.messages): ask for ask in todo}
-        pending = set(futures)
-        while pending:
-            finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
-            for future in finished:
-                ask = futures[future]
-                try:
-                    completion = future.result()
-                except RequestFailed as failure:
-                    result.failed[ask.id] = failure.detail
-                    continue
-                except EndpointError as error:
-                    for other in pending:
-                        other.cancel()
-                    raise EndpointError(_endpoint_hint(error)) from None
-                append(
-                    {
-                        "id": ask.id,
-                        "key": ask.key,
-                        "reply": completion.text,
-                        "finish_reason": completion.finish_reason,
-                        "attempts": completion.attempts,
-                    }
-                )
-                result.replies[ask.id] = completion.text
+    by_id = {ask.id: ask for ask in todo}
+
+    def keep(ask_id: str, completion: Completion) -> None:
+        ask = by_id[ask_id]
+        append(
+            {
+                "id": ask.id,
+                "key": ask.key,
+                "reply": completion.text,
+                "finish_reason": completion.finish_reason,
+                "attempts": completion.attempts,
+            }
+        )
+        result.replies[ask.id] = completion.text
+
+    messages = {ask.id: ask.messages for ask in todo}
+    result.failed.update(request_all(chat, messages, max_concurrency, keep, SECTION, "text-only LLM"))
     return result
-
-
-def _endpoint_hint(error: EndpointError) -> str:
-    problem = str(error).split(": every request would fail", 1)[0]
-    return (
-        f"the text-only LLM endpoint refuses requests: {problem}. Check {SECTION}.base_url (or $OPENAI_BASE_URL), "
-        f"{SECTION}.model and the API key ({SECTION}.api_key or $OPENAI_API_KEY)"
-    )
 
 
 # ---- the run -------------------------------------------------------------------------------------
@@ -499,7 +481,7 @@ def _summary(
             "requery": requery.requested,
             "from_journal": text.from_journal + requery.from_journal,
             "failed": len(failures),
-            "failed_examples": [f"{key}: {value}" for key, value in list(failures.items())[:5]],
+            "failed_examples": failed_examples(failures),
         },
         "output_dir": config.output_dir,
     }
