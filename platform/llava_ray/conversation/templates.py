@@ -207,6 +207,7 @@ class TokenizedConversation:
     labels: list[int]
     num_images: int
     text: str
+    changes: tuple[str, ...] = ()  # what conforming to the reference's preprocessing changed
 
     @property
     def length(self) -> int:
@@ -297,7 +298,8 @@ def tokenize_conversation(
     left without a supervised token is rejected rather than trained on at zero loss.
     ``tokenization`` is ``data.tokenization``: "joined" or "llava" (see the module docstring).
     """
-    turns = normalize_turns(conversations)
+    normalized = conform_turns(conversations)
+    turns = normalized.turns
     if template_name == "tokenizer":
         _check_chat_template_tokenization(tokenization)
         ids, supervised, text = _tokenize_with_chat_template(turns, tokenizer)
@@ -315,7 +317,7 @@ def tokenize_conversation(
                 "truncated_inside_image", f"model_max_length={max_length} would cut inside an image"
             )
         input_ids, labels = input_ids[:max_length], labels[:max_length]
-    result = TokenizedConversation(input_ids, labels, num_images, text)
+    result = TokenizedConversation(input_ids, labels, num_images, text, normalized.changes)
     if result.num_supervised == 0:
         raise Skipped("no_supervised_tokens", "no answer token is left to train on (truncated or empty)")
     return result

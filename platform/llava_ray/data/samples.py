@@ -42,7 +42,7 @@ from llava_ray.config.loader import ConfigError
 from llava_ray.config.model_sources import build_vision_config, image_positions, tower_input
 from llava_ray.config.model_sources import resolve_sources as resolve_model_sources
 from llava_ray.config.schema import LlavaRayConfig, ModelConfig
-from llava_ray.conversation.templates import conform_turns, tokenize_conversation
+from llava_ray.conversation.templates import tokenize_conversation
 from llava_ray.conversation.tokenizer import IMAGE_TOKEN, image_token_id, load_tokenizer
 from llava_ray.data.images import ImageSettings, decode_stored_image, process_image
 from llava_ray.data.report import Skip
@@ -182,7 +182,7 @@ class SamplePreparer:
             input_ids=tokenized.input_ids,
             labels=tokenized.labels,
             num_supervised=tokenized.num_supervised,
-            changes=conform_turns(record.conversations).changes,
+            changes=tokenized.changes,
         )
         return _Pending(item, sample, [resolve_image_path(root, path) for path in record.images])
 
