@@ -1,6 +1,9 @@
 """Shared test set-up: nothing downloads, everything runs on the CPU."""
 
+import contextlib
+import json
 import os
+import threading
 
 # Tests build tiny models from configs and a tokenizer shipped in the package; any hub access is a bug.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -15,7 +18,8 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -118,6 +122,47 @@ def ray_cluster(s3_endpoint: str) -> Iterator[None]:
 def get_free_port():
     """A function returning a free loopback port (conftest modules are not importable)."""
     return free_port
+
+
+ChatReply = Callable[[dict, str | None], tuple[int, dict]]
+
+
+@contextlib.contextmanager
+def chat_completions_server(reply: ChatReply) -> Iterator[str]:
+    """A loopback OpenAI-compatible endpoint: each POSTed body and Authorization header go to ``reply``,
+    whose ``(status, payload)`` is sent back (a 429 with ``Retry-After: 0``). Yields the base URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            status, payload = reply(body, self.headers.get("Authorization"))
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            if status == 429:
+                self.send_header("Retry-After", "0")
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args) -> None:  # keep test output quiet
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture(scope="session")
+def serve_chat_completions() -> Callable[[ChatReply], contextlib.AbstractContextManager[str]]:
+    """:func:`chat_completions_server`, for tests (conftest modules are not importable)."""
+    return chat_completions_server
 
 
 @pytest.fixture(scope="session")
