@@ -22,18 +22,10 @@ from llava_ray.config.model_sources import (
 from llava_ray.config.schema import ModelConfig
 
 TOWER_SHAPES = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4}
-# google/siglip-*'s preprocessor_config.json, at 64 px.
-SIGLIP_PROCESSOR = {
-    "do_normalize": True,
-    "do_rescale": True,
-    "do_resize": True,
-    "image_mean": [0.5, 0.5, 0.5],
-    "image_processor_type": "SiglipImageProcessor",
-    "image_std": [0.5, 0.5, 0.5],
-    "resample": 3,
-    "rescale_factor": 0.00392156862745098,
-    "size": {"height": 64, "width": 64},
-}
+# google/siglip-*'s preprocessor_config.json, at the tiny preset's 64 px.
+SIGLIP_PROCESSOR = json.loads(
+    (Path(__file__).resolve().parents[1] / "assets/siglip/preprocessor_config.json").read_text()
+)
 
 
 def tower_folder(path: Path, vision_config, processor: dict | None) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -300,17 +301,9 @@ def test_exported_image_processor_pads_like_prepare(tmp_path):
 # ---- a SigLIP tower: its own size, mean, std and pad colour, from its folder to the export ----------
 
 # google/siglip-*'s preprocessor_config.json, at the tiny preset's 64 px.
-SIGLIP_PROCESSOR = {
-    "do_normalize": True,
-    "do_rescale": True,
-    "do_resize": True,
-    "image_mean": [0.5, 0.5, 0.5],
-    "image_processor_type": "SiglipImageProcessor",
-    "image_std": [0.5, 0.5, 0.5],
-    "resample": 3,
-    "rescale_factor": 0.00392156862745098,
-    "size": {"height": 64, "width": 64},
-}
+SIGLIP_PROCESSOR = json.loads(
+    (Path(__file__).resolve().parents[1] / "assets/siglip/preprocessor_config.json").read_text()
+)
 
 
 @pytest.fixture(scope="module")
