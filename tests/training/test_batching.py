@@ -115,3 +115,58 @@ def test_too_little_data_or_bad_split_is_explained():
             epochs=1,
             seed=0,
         )
+
+
+def windowed(world_size=1, micro_batch_size=10, window=100, seed=3, n=1000, **kwargs):
+    lengths, is_image, supervised = data(n)
+    units = np.repeat(np.arange(n // 10), 10)[np.random.default_rng(1).permutation(n)]  # groups of 10 rows
+    schedule = build_schedule(
+        lengths,
+        is_image,
+        supervised,
+        global_batch_size=20,
+        micro_batch_size=micro_batch_size,
+        world_size=world_size,
+        epochs=1,
+        seed=seed,
+        units=units,
+        window=window,
+        **kwargs,
+    )
+    return schedule, units
+
+
+def test_windows_bound_the_row_groups_a_stretch_of_steps_reads():
+    schedule, units = windowed()
+    # The first window holds 10 row groups (100 rows): its 4-5 global batches read only those.
+    assert len(set(units[schedule.order[:4].ravel()].tolist())) <= 10
+    assert len(set(units[schedule.order.ravel()].tolist())) == 100
+    everything = schedule.order.ravel()
+    assert len(set(everything.tolist())) == len(everything) == 1000 - schedule.dropped_per_epoch
+    assert schedule.dropped_per_epoch < 20 and schedule.steps == schedule.steps_per_epoch == 1000 // 20
+
+
+def test_windows_keep_the_same_samples_per_step_whatever_the_split():
+    one, _ = windowed(world_size=1, micro_batch_size=20)
+    two, _ = windowed(world_size=2, micro_batch_size=5)
+    assert one.steps == two.steps
+    for step in range(one.steps):
+        assert sorted(one.order[step].ravel().tolist()) == sorted(two.order[step].ravel().tolist())
+    assert (one.step_tokens == two.step_tokens).all()
+    assert not (windowed(seed=4, micro_batch_size=20)[0].order == one.order).all()
+
+
+def test_one_window_over_all_the_data_is_the_global_schedule():
+    lengths, is_image, supervised = data(1000)
+    whole, _ = windowed(window=1000)
+    plain = build_schedule(
+        lengths,
+        is_image,
+        supervised,
+        global_batch_size=20,
+        micro_batch_size=10,
+        world_size=1,
+        epochs=1,
+        seed=3,
+    )
+    assert (whole.order == plain.order).all()

@@ -3,7 +3,7 @@
 import copy
 import itertools
 
-import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +12,7 @@ from llava_ray.config.model_sources import build_vision_config, tower_input
 from llava_ray.config.schema import ModelConfig
 from llava_ray.conversation.templates import IGNORE_INDEX
 from llava_ray.model.build import build_llava_model
-from llava_ray.training.collate import collate_rows, image_to_tensor, rows_from_columns
+from llava_ray.training.collate import collate_rows, image_to_tensor
 from llava_ray.training.packing import (
     first_fit_decreasing,
     pack_micro_batch,
@@ -23,6 +23,7 @@ from llava_ray.training.packing import (
     varlen_applies,
     varlen_segments,
 )
+from llava_ray.training.stream import table_rows
 from llava_ray.training.trainable import set_trainable
 
 TINY_TOWER = tower_input(build_vision_config(ModelConfig(preset="tiny")))  # 64 px images
@@ -207,19 +208,21 @@ def test_segment_attention_refuses_what_it_cannot_compute_exactly(tiny_model):
         )
 
 
-def test_pack_rows_takes_rows_as_ray_data_hands_them_over(mixed_rows, tiny_tokenizer):
-    columns = {
-        key: np.array(
-            [np.asarray(row[key], dtype=object if key == "images" else None) for row in mixed_rows],
-            dtype=object,
-        )
-        for key in ("input_ids", "labels", "images")
-    }
-    from_ray = pack_rows(rows_from_columns(columns), 512, tiny_tokenizer.pad_token_id, TINY_TOWER)
+def test_pack_rows_takes_rows_as_the_shard_stream_hands_them_over(mixed_rows, tiny_tokenizer):
+    table = pa.table(
+        {
+            "row": list(range(len(mixed_rows))),
+            "input_ids": [list(row["input_ids"]) for row in mixed_rows],
+            "labels": [list(row["labels"]) for row in mixed_rows],
+            "images": [list(row["images"]) for row in mixed_rows],
+        }
+    )
+    streamed = table_rows(table, list(range(len(mixed_rows))))
+    from_stream = pack_rows(streamed, 512, tiny_tokenizer.pad_token_id, TINY_TOWER)
     from_lists = pack_rows(mixed_rows, 512, tiny_tokenizer.pad_token_id, TINY_TOWER)
-    assert from_ray.keys() == from_lists.keys()
+    assert from_stream.keys() == from_lists.keys()
     for key, value in from_lists.items():
-        assert torch.equal(from_ray[key], value), key
+        assert torch.equal(from_stream[key], value), key
 
 
 def reference_varlen(

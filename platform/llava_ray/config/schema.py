@@ -216,6 +216,14 @@ class TrainConfig(Section):
     group_by_modality_length: bool = Field(
         True, description="LLaVA-1.5's batching: batches of one modality, grouped by length."
     )
+    shuffle_window: int = Field(
+        16384,
+        gt=0,
+        description=(
+            "Rows per shuffle window: each epoch shuffles the shards' row groups and groups batches within "
+            "windows of this many rows, so a worker holds at most its share of one window (docs/scale.md)."
+        ),
+    )
     packing: bool = Field(
         True,
         description="Pack each micro-batch's samples into one row with per-sample attention (no padding, same loss).",

@@ -57,10 +57,3 @@ def collate_rows(rows: Sequence[dict[str, Any]], pad_id: int, tower: TowerInput)
     if images:
         batch["pixel_values"] = torch.stack(images)
     return batch
-
-
-def rows_from_columns(columns: dict[str, Any]) -> list[dict[str, Any]]:
-    """Ray Data hands ``collate_fn`` a dict of columns; rows are easier to pad."""
-    keys = list(columns)
-    count = len(columns[keys[0]])
-    return [{key: columns[key][i] for key in keys} for i in range(count)]

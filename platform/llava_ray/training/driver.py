@@ -1,10 +1,12 @@
 """The driver side of a stage job: schedule the data, launch Ray Train, return the result.
 
-``run_train(config)`` reads the prepared shards' light columns (length, modality, supervised
-count) to build the global schedule (:mod:`llava_ray.training.schedule`), gives each worker rank
-its own Ray Data dataset holding exactly its rows sorted by schedule position, and runs
-:func:`llava_ray.training.worker.train_loop_per_worker` on a ``TorchTrainer``. Rerunning with the
-same ``run.name`` and ``run.storage_path`` resumes from the latest complete checkpoint.
+``run_train(config)`` indexes the prepared shards' light columns (length, modality, supervised
+count; :func:`llava_ray.training.stream.index_prepared`) to build the schedule
+(:mod:`llava_ray.training.schedule`), gives each worker rank the list of its reads through the
+object store, and runs :func:`llava_ray.training.worker.train_loop_per_worker` on a
+``TorchTrainer``; each rank streams its rows from the shards itself
+(:class:`llava_ray.training.stream.RankStream`). Rerunning with the same ``run.name`` and
+``run.storage_path`` resumes from the latest complete checkpoint.
 """
 
 from __future__ import annotations
@@ -15,29 +17,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import ray
 import ray.data
 import ray.train
-from ray.data.dataset import MaterializedDataset
 from ray.train.torch import TorchTrainer
 
 from llava_ray.config.loader import ConfigError
 from llava_ray.config.schema import LlavaRayConfig
-from llava_ray.data.prepare import REPORT_FILE, build_prepare_pipeline, load_report, read_prepared
+from llava_ray.data.prepare import REPORT_FILE, build_prepare_pipeline, load_report
 from llava_ray.tracking.mlflow_tracking import Tracker, tracked_run
 from llava_ray.training.final_model import HF_DIR, final_model_uri
 from llava_ray.training.schedule import Schedule, build_schedule
-from llava_ray.training.validation import VAL_DATASET_PREFIX, split_validation, validation_plan
+from llava_ray.training.stream import PreparedIndex, Reads, index_blocks, index_prepared
+from llava_ray.training.validation import split_validation, validation_plan
 from llava_ray.training.worker import train_loop_per_worker
 from llava_ray.utils.logging import ensure_logging, verbose_logging
 from llava_ray.utils.storage import filesystem, is_remote, ray_storage
 
 logger = logging.getLogger(__name__)
-
-INDEX_COLUMNS = ["row", "length", "modality", "num_supervised"]
-SORT_RANGE_ROWS = 2048  # rows per sorted output block of a rank's dataset
 
 
 @dataclass
@@ -74,25 +72,25 @@ def train_problems(config: LlavaRayConfig) -> list[str]:
     return problems
 
 
-def training_dataset(config: LlavaRayConfig) -> tuple[ray.data.Dataset, dict[str, Any]]:
-    """The prepared rows and their data report: from shards, or prepared on the fly from the sources.
+def training_input(config: LlavaRayConfig) -> tuple[PreparedIndex, dict[str, Any], Any]:
+    """The prepared rows' index, their data report, and what must stay alive while training reads them.
 
-    Without ``data.prepared_path`` the prepare pipeline streams into training without writing
-    shards; it is materialized in the object store once, since the schedule needs every length first.
+    Without ``data.prepared_path`` the prepare pipeline runs into the object store (materialized
+    once: the schedule needs every length first) and its blocks are the units the ranks read.
     """
     if config.data.prepared_path:
-        return read_prepared(config.data.prepared_path), load_report(config.data.prepared_path)
+        return index_prepared(config.data.prepared_path), load_report(config.data.prepared_path), None
     started = time.perf_counter()
     pipeline = build_prepare_pipeline(config)
     dataset = pipeline.dataset.materialize()
-    return dataset, pipeline.finish(time.perf_counter() - started)
+    return index_blocks(dataset), pipeline.finish(time.perf_counter() - started), dataset
 
 
 def schedule_for(config: LlavaRayConfig, index: pd.DataFrame) -> Schedule:
     """The run's schedule; rows are addressed by their position in ``index``."""
     return build_schedule(
         index["length"].to_numpy(),
-        (index["modality"] == "image").to_numpy(),
+        index["is_image"].to_numpy(),
         index["num_supervised"].to_numpy(),
         global_batch_size=config.train.global_batch_size,
         micro_batch_size=config.train.micro_batch_size,
@@ -101,64 +99,14 @@ def schedule_for(config: LlavaRayConfig, index: pd.DataFrame) -> Schedule:
         seed=config.run.seed,
         group_by_modality_length=config.train.group_by_modality_length,
         max_steps=config.train.max_steps,
+        units=index["unit"].to_numpy(),
+        window=config.train.shuffle_window,
     )
 
 
-def assignments(index: pd.DataFrame, schedule: Schedule) -> pd.DataFrame:
-    """One line per scheduled read: the prepared ``row`` key, the reading rank and its position there."""
-    frames = []
-    for rank in range(schedule.order.shape[1]):
-        positions = schedule.rank_rows(rank)
-        frames.append(
-            pd.DataFrame(
-                {"row": index["row"].to_numpy()[positions], "rank": rank, "seq": np.arange(len(positions))}
-            )
-        )
-    return pd.concat(frames, ignore_index=True)
-
-
-def _attach_schedule(batch: pd.DataFrame, plan: pd.DataFrame) -> pd.DataFrame:
-    return batch.merge(plan, on="row", how="inner")
-
-
-def scheduled_datasets(
-    dataset: ray.data.Dataset, plans: dict[str, pd.DataFrame]
-) -> dict[str, MaterializedDataset]:
-    """One dataset per named plan (``row``, ``seq``): its rows, repeated where it repeats them, by ``seq``.
-
-    One pass over the prepared rows serves every plan (each rank's training rows, each rank's
-    validation rows): the rows are tagged with a global ``order`` (plan after plan, ``seq`` within
-    each), sorted once by it with fixed range boundaries (the positions are known, so the sort skips
-    sampling), materialized, and cut at the plans' edges. Reading the shards once per plan instead
-    would read the whole dataset once per worker. The driver builds this before any worker starts,
-    so no Ray Data task runs inside the workers' placement group (where a Tune trial's tasks could
-    not be scheduled).
-    """
-    offsets = np.cumsum([0, *(len(plan) for plan in plans.values())])
-    tagged = pd.concat(
-        [
-            plan[["row", "seq"]].assign(order=plan["seq"].to_numpy() + offset)
-            for plan, offset in zip(plans.values(), offsets[:-1], strict=True)
-        ],
-        ignore_index=True,
-    )
-    total, edges = int(offsets[-1]), [int(o) for o in offsets[1:-1]]
-    boundaries = sorted({*range(SORT_RANGE_ROWS, total, SORT_RANGE_ROWS), *edges})
-    ordered = (
-        dataset.map_batches(_attach_schedule, batch_format="pandas", fn_args=(tagged,))
-        .sort("order", boundaries=boundaries or None)
-        .drop_columns(["order"])
-        .materialize()
-    )
-    if (count := ordered.count()) != total:
-        raise RuntimeError(f"the prepared data gave {count} scheduled rows, the schedule has {total}")
-    pieces = ordered.split_at_indices(edges) if edges else [ordered]
-    return dict(zip(plans, pieces, strict=True))
-
-
-def rank_plans(plan: pd.DataFrame, world_size: int, prefix: str) -> dict[str, pd.DataFrame]:
-    """``{prefix}{r}``: the ``row`` and ``seq`` of the plan's lines whose ``rank`` is r."""
-    return {f"{prefix}{rank}": plan.loc[plan["rank"] == rank, ["row", "seq"]] for rank in range(world_size)}
+def rank_reads(index: pd.DataFrame, schedule: Schedule) -> list[Reads]:
+    """Each rank's reads in the order it trains on them (step-major)."""
+    return [Reads.of(index.iloc[schedule.rank_rows(rank)]) for rank in range(schedule.order.shape[1])]
 
 
 def run_train(
@@ -183,9 +131,10 @@ def run_train(
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True
         context.enable_progress_bars = False  # per-worker bars flood job logs; the progress line says it all
-        dataset, report = training_dataset(config)
+        prepared, report, keep_alive = training_input(config)
         tracker.log_dict(report, "data_report.json")
-        result = _fit(config, tracker, dataset, callbacks or [])
+        result = _fit(config, tracker, prepared, callbacks or [])
+        del keep_alive  # the blocks of data prepared on the fly, read by the workers until here
         tracker.log_loss_curve()
         if not config.train.save_final_model:
             return result
@@ -198,21 +147,20 @@ def run_train(
 
 
 def _fit(
-    config: LlavaRayConfig, tracker: Tracker, dataset: ray.data.Dataset, callbacks: list[Any]
+    config: LlavaRayConfig, tracker: Tracker, prepared: PreparedIndex, callbacks: list[Any]
 ) -> TrainResult:
-    index = dataset.select_columns(INDEX_COLUMNS).to_pandas().sort_values("row", ignore_index=True)
-    index, validation = split_validation(index, config)
+    started = time.perf_counter()
+    index, validation = split_validation(prepared.rows, config)
     schedule = schedule_for(config, index)
     world_size = config.scaling.num_workers
+    reads = rank_reads(index, schedule)
+    val_reads = validation_plan(validation, world_size) if len(validation) else None
     logger.info(
         f"[train] {len(index)} prepared samples -> {schedule.steps} steps of {config.train.global_batch_size} "
         f"({schedule.dropped_per_epoch} per epoch left out of incomplete global batches)"
         + (f"; {len(validation)} held out for validation" if len(validation) else "")
+        + f"; scheduled in {time.perf_counter() - started:.1f} s"
     )
-    plans = rank_plans(assignments(index, schedule), world_size, "rank")
-    if len(validation):
-        plans |= rank_plans(validation_plan(validation, world_size), world_size, VAL_DATASET_PREFIX)
-    datasets = scheduled_datasets(dataset, plans)
     storage_path, storage_filesystem = ray_storage(config.run.storage_path)
     use_gpu = config.scaling.use_gpu
     if use_gpu == "auto":
@@ -222,6 +170,10 @@ def _fit(
         train_loop_config={
             "config": config.model_dump(mode="json"),
             "step_tokens": schedule.step_tokens,
+            "steps_per_epoch": schedule.steps_per_epoch,
+            "units": ray.put(prepared.units),
+            "reads": [ray.put(rank) for rank in reads],
+            "val_reads": [ray.put(rank) for rank in val_reads] if val_reads else None,
             "tracking_uri": tracker.uri,
             "mlflow_run_id": tracker.run_id,
             "verbose": verbose_logging(),
@@ -244,8 +196,6 @@ def _fit(
             # Ray Train's own lines (worker group start, placement) at WARNING unless --verbose
             logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose_logging() else "WARNING"),
         ),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
     result = trainer.fit()
     return TrainResult(

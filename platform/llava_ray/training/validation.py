@@ -2,7 +2,8 @@
 
 The driver carves ``train.val_fraction`` of the prepared samples (at most ``train.val_max_samples``,
 a multiple of the worker count) out of the training schedule with the run's seed, so a resumed run
-holds out the same samples. Each rank gets an equal share, sorted by length to pad little. Workers
+holds out the same samples. Each rank gets an equal share, sorted by length to pad little, and reads it
+once from the shards (:class:`llava_ray.training.stream.RankStream`). Workers
 compute the supervised-token mean loss every ``train.eval_every_steps`` steps and at the end; Ray
 Tune's schedulers (ASHA) decide on it.
 """
@@ -13,17 +14,16 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import ray.train
 import torch
 import torch.distributed as dist
 
 from llava_ray.config.loader import ConfigError
 from llava_ray.config.model_sources import TowerInput
 from llava_ray.config.schema import LlavaRayConfig
-from llava_ray.training.collate import collate_rows, rows_from_columns
+from llava_ray.training.collate import collate_rows
 from llava_ray.training.step import move_inputs
+from llava_ray.training.stream import RankStream, Reads, Units
 
-VAL_DATASET_PREFIX = "val"
 VAL_SEED_STREAM = 1  # a second random stream of run.seed
 
 
@@ -48,24 +48,31 @@ def split_validation(index: pd.DataFrame, config: LlavaRayConfig) -> tuple[pd.Da
     return index[~held_out].reset_index(drop=True), index[held_out].reset_index(drop=True)
 
 
-def validation_plan(validation: pd.DataFrame, world_size: int) -> pd.DataFrame:
-    """Which rank reads each validation row and in what order: by length, dealt round robin."""
-    rows = validation.sort_values(["length", "row"])["row"].to_numpy()
-    position = np.arange(len(rows))
-    return pd.DataFrame({"row": rows, "rank": position % world_size, "seq": position // world_size})
+def validation_plan(validation: pd.DataFrame, world_size: int) -> list[Reads]:
+    """Each rank's validation reads: the rows by length, dealt round robin."""
+    rows = validation.sort_values(["length", "row"], ignore_index=True)
+    return [Reads.of(rows.iloc[rank::world_size]) for rank in range(world_size)]
 
 
 class Validation:
     """One rank's view of the validation split: when it is due and the loss it gives."""
 
-    def __init__(self, config: LlavaRayConfig, rank: int, pad_id: int, tower: TowerInput, total_steps: int):
-        self.enabled = config.train.val_fraction > 0
+    def __init__(
+        self,
+        config: LlavaRayConfig,
+        pad_id: int,
+        tower: TowerInput,
+        total_steps: int,
+        units: Units,
+        reads: Reads | None,
+    ):
+        self.enabled = reads is not None
         self.every = config.train.eval_every_steps
         self.total_steps = total_steps
         self.micro_batch_size = config.train.micro_batch_size
-        self.rank = rank
         self.pad_id = pad_id
         self.tower = tower
+        self.units, self.reads = units, reads
         self._batches: list[dict[str, Any]] | None = None
 
     def due(self, step: int) -> bool:
@@ -73,13 +80,16 @@ class Validation:
 
     def batches(self) -> list[dict[str, Any]]:
         """This rank's validation batches, read once and kept (the split is small)."""
-        if self._batches is None:
-            shard = ray.train.get_dataset_shard(f"{VAL_DATASET_PREFIX}{self.rank}")
-            self._batches = [
-                collate_rows(rows_from_columns(columns), self.pad_id, self.tower)
-                for columns in shard.iter_batches(batch_size=self.micro_batch_size, batch_format="numpy")
-            ]
-        return self._batches
+        if self._batches is None and self.reads is not None:
+            self._batches = list(
+                RankStream(
+                    self.units,
+                    self.reads,
+                    micro_batch_size=self.micro_batch_size,
+                    collate=lambda rows: collate_rows(rows, self.pad_id, self.tower),
+                )
+            )
+        return self._batches or []
 
     def loss(self, engine: Any, world_size: int, device: torch.device) -> dict[str, float]:
         """The supervised-token mean loss over every rank's share; every rank must call this together."""

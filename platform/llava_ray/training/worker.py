@@ -27,7 +27,7 @@ from llava_ray.conversation.tokenizer import load_tokenizer
 from llava_ray.model.build import build_llava_model
 from llava_ray.model.llava import LlavaModel
 from llava_ray.tracking.mlflow_tracking import Tracker
-from llava_ray.training.collate import collate_rows, rows_from_columns
+from llava_ray.training.collate import collate_rows
 from llava_ray.training.faults import maybe_inject_fault
 from llava_ray.training.final_model import save_final_model
 from llava_ray.training.metrics import FlopsModel, ProgressMeter, StepMetrics, peak_flops
@@ -41,6 +41,7 @@ from llava_ray.training.optim import (
 )
 from llava_ray.training.packing import pack_micro_batch, use_segment_attention
 from llava_ray.training.step import StepResult, allow_tf32, train_step
+from llava_ray.training.stream import RankStream, Reads, Units
 from llava_ray.training.trainable import set_trainable
 from llava_ray.training.validation import Validation
 from llava_ray.utils.compat import skip_deepspeed_cpu_shm_op
@@ -78,8 +79,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     )
     engine, model, tokenizer = setup_engine(config, world_size, device, total_steps)
     state = restore_checkpoint(engine, rank)
+    units = ray.get(loop_config["units"])
     batches = micro_batches(
-        config, rank, tokenizer.pad_token_id, model, skip_steps=state.step, world_size=world_size
+        config,
+        units,
+        ray.get(loop_config["reads"][rank]),
+        tokenizer.pad_token_id,
+        model,
+        skip_steps=state.step,
+        world_size=world_size,
+        steps_per_epoch=loop_config["steps_per_epoch"],
     )
     if rank == 0:
         logger.info(
@@ -88,8 +97,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             f"accumulation, ZeRO-{config.deepspeed.zero_stage}, {resolve_precision(config, device.type == 'cuda')}"
             + (f", resuming at step {state.step}" if state.step else ""),
         )
+    val_reads = loop_config["val_reads"]
     validation = Validation(
-        config, rank, tokenizer.pad_token_id, tower_input(model.vision_tower.config), total_steps
+        config,
+        tokenizer.pad_token_id,
+        tower_input(model.vision_tower.config),
+        total_steps,
+        units,
+        ray.get(val_reads[rank]) if val_reads else None,
     )
     flops = FlopsModel.of(model)
     accumulation = accumulation_steps(config, world_size)
@@ -170,29 +185,34 @@ def setup_engine(
 
 
 def micro_batches(
-    config: LlavaRayConfig, rank: int, pad_id: int, model: LlavaModel, skip_steps: int, world_size: int
+    config: LlavaRayConfig,
+    units: Units,
+    reads: Reads,
+    pad_id: int,
+    model: LlavaModel,
+    skip_steps: int,
+    world_size: int,
+    steps_per_epoch: int,
 ) -> Iterator[dict[str, Any]]:
     """This rank's micro-batches in schedule order, resuming after ``skip_steps`` optimizer steps.
 
-    The rank's dataset is sorted by ``seq`` (its position in the schedule); a row arriving out of
-    order would silently change what trains, so it is an error. With ``train.packing`` each
+    They stream from the shards (:class:`RankStream`), starting at the resumed step's first read;
+    each row is checked against the row key the schedule placed there. With ``train.packing`` each
     micro-batch's rows become one packed row (``pack_micro_batch``): the same samples per micro-batch
     and per step, so the loss, a token mean over the global batch, is unchanged; only padding goes.
     """
-    shard = ray.train.get_dataset_shard(f"rank{rank}")
-    micro = config.train.micro_batch_size
-    per_step = micro * accumulation_steps(config, world_size)
-    expected = skip_steps * per_step
+    per_step = config.train.micro_batch_size * accumulation_steps(config, world_size)
     tower = tower_input(model.vision_tower.config)  # size, mean and std the tower was built with
     collate = pack_micro_batch if config.train.packing else collate_rows
-    for columns in shard.iter_batches(batch_size=micro, batch_format="numpy", prefetch_batches=2):
-        seq = columns["seq"]
-        if seq[0] < skip_steps * per_step:
-            continue  # resuming: these steps were trained before the restart
-        if list(seq) != list(range(expected, expected + len(seq))):
-            raise RuntimeError(f"rank {rank} received rows {list(seq)[:4]}... but expected {expected}...")
-        expected += len(seq)
-        yield collate(rows_from_columns(columns), pad_id, tower)
+    stream = RankStream(
+        units,
+        reads,
+        micro_batch_size=config.train.micro_batch_size,
+        collate=lambda rows: collate(rows, pad_id, tower),
+        start=skip_steps * per_step,
+        reads_per_epoch=steps_per_epoch * per_step,
+    )
+    return iter(stream)
 
 
 def reduce_metrics(result: StepResult, engine: Any, world_size: int, device: torch.device) -> StepMetrics:
