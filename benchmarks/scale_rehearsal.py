@@ -359,6 +359,39 @@ def run_case(design: str, prepared: str, workers: int, seconds: float, out: str)
     return result
 
 
+# ---- what the windows change --------------------------------------------------------------------
+
+
+def padding_effect(prepared: str, workers: int = 8, window: int = 16384) -> dict[str, Any]:
+    """Padding of unpacked micro-batches under the global and the windowed grouping, on these lengths.
+
+    Packing (the default) pads nothing either way; this is what ``train.packing=false`` would pad.
+    """
+    from llava_ray.training.schedule import build_schedule
+    from llava_ray.training.stream import index_prepared
+
+    rows = index_prepared(prepared).rows
+    lengths = rows["length"].to_numpy()
+    result: dict[str, Any] = {"workers": workers, "micro_batch": MICRO_BATCH, "window": window}
+    for name, units in (("global", None), ("windowed", rows["unit"].to_numpy())):
+        schedule = build_schedule(
+            lengths,
+            rows["is_image"].to_numpy(),
+            rows["num_supervised"].to_numpy(),
+            global_batch_size=128,
+            micro_batch_size=MICRO_BATCH,
+            world_size=workers,
+            epochs=1,
+            seed=0,
+            units=units,
+            window=window,
+        )
+        micro = lengths[schedule.order.reshape(-1, MICRO_BATCH)]
+        padded = (micro.max(axis=1) * MICRO_BATCH).sum()
+        result[f"{name}_padding_fraction"] = round(float(1 - micro.sum() / padded), 4)
+    return result
+
+
 # ---- the whole rehearsal ------------------------------------------------------------------------
 
 
@@ -368,7 +401,7 @@ def rehearse(args: argparse.Namespace) -> dict[str, Any]:
         prepared = Path(args.workdir) / f"prepared-{rows}"
         data = write_prepared(prepared, rows)
         print(f"[scale] {rows} rows at {prepared}: {data['bytes'] / 2**30:.1f} GiB", flush=True)
-        cases: dict[str, Any] = {"data": data}
+        cases: dict[str, Any] = {"data": data, "padding": padding_effect(str(prepared))}
         designs = ["stream"] + (["baseline"] if rows <= args.baseline_max_rows else [])
         for design in designs:
             out = Path(args.workdir) / f"case-{design}-{rows}"

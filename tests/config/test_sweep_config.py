@@ -120,8 +120,10 @@ def index_of(count: int) -> pd.DataFrame:
         {
             "row": np.arange(count) * 3,
             "length": rng.integers(10, 100, count),
-            "modality": "image",
+            "is_image": True,
             "num_supervised": 5,
+            "unit": np.arange(count) // 64,
+            "offset": np.arange(count) % 64,
         }
     )
 
@@ -152,8 +154,10 @@ def test_validation_split_is_seeded_disjoint_capped_and_even_per_rank():
     )
     assert len(split_validation(index, capped)[1]) == 28  # at most 30, a multiple of 4 workers
     plan = validation_plan(validation, 4)
-    assert plan.groupby("rank").size().tolist() == [25] * 4
-    assert sorted(plan["row"]) == sorted(validation["row"])
+    assert [len(reads) for reads in plan] == [25] * 4
+    assert sorted(np.concatenate([reads.row for reads in plan]).tolist()) == sorted(validation["row"])
+    lengths = validation.set_index("row")["length"]
+    assert all((np.diff(lengths[reads.row].to_numpy()) >= 0).all() for reads in plan)  # by length
 
 
 def test_no_split_without_val_fraction_and_an_error_when_it_leaves_none():

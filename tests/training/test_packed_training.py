@@ -1,13 +1,15 @@
 """train.packing: packed micro-batches train exactly as padded ones, and the loop packs exactly
-the scheduled samples. No Ray: the step runs on ``PlainEngine``, the loop reads a stand-in shard."""
+the scheduled samples. No Ray: the step runs on ``PlainEngine``, the loop streams real shards."""
 
 import copy
 import itertools
+import json
 from types import SimpleNamespace
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
-import ray.train
 import torch
 
 from llava_ray.config import load_config
@@ -15,11 +17,13 @@ from llava_ray.config.model_sources import build_vision_config, tower_input
 from llava_ray.config.schema import ModelConfig
 from llava_ray.conversation.templates import IGNORE_INDEX
 from llava_ray.conversation.tokenizer import image_token_id
+from llava_ray.data.samples import PREPARED_SCHEMA
 from llava_ray.model.build import build_llava_model
 from llava_ray.training.collate import collate_rows, image_to_tensor
+from llava_ray.training.driver import rank_reads, schedule_for
 from llava_ray.training.packing import pack_micro_batch, use_segment_attention
-from llava_ray.training.schedule import build_schedule
 from llava_ray.training.step import PlainEngine, train_step
+from llava_ray.training.stream import index_prepared
 from llava_ray.training.trainable import set_trainable
 from llava_ray.training.worker import micro_batches
 
@@ -96,28 +100,30 @@ def test_packed_and_padded_steps_give_the_same_loss_and_gradients(
 # ---- the loop -------------------------------------------------------------------------------------
 
 
-class ScheduledShard:
-    """What ``ray.train.get_dataset_shard`` hands a rank: its rows in schedule order, as numpy columns."""
+def write_prepared(rows, root):
+    """``rows`` as prepared shards (row keys 0..n-1, row groups of 4) with a report that counts them."""
+    supervised = [sum(label != IGNORE_INDEX for label in row["labels"][1:]) for row in rows]
+    table = pa.table(
+        {
+            "row": list(range(len(rows))),
+            "id": [row["id"] for row in rows],
+            "source": ["synthetic"] * len(rows),
+            "modality": ["image" if row["images"] else "text" for row in rows],
+            "input_ids": [list(row["input_ids"]) for row in rows],
+            "labels": [list(row["labels"]) for row in rows],
+            "length": [len(row["input_ids"]) for row in rows],
+            "num_supervised": supervised,
+            "images": [list(row["images"]) for row in rows],
+        },
+        schema=PREPARED_SCHEMA,
+    )
+    root.mkdir()
+    pq.write_table(table, root / "part-0.parquet", row_group_size=4)
+    (root / "report.json").write_text(json.dumps({"written": len(rows)}))
+    return str(root)
 
-    def __init__(self, rows):
-        self.rows = rows
 
-    def iter_batches(self, batch_size, batch_format, prefetch_batches):
-        assert batch_format == "numpy"
-        for start in range(0, len(self.rows), batch_size):
-            chunk = self.rows[start : start + batch_size]
-            columns = {}
-            for key in ("input_ids", "labels", "images"):
-                column = np.empty(len(chunk), dtype=object)
-                column[:] = [
-                    np.asarray(row[key], dtype=object if key == "images" else np.int64) for row in chunk
-                ]
-                columns[key] = column
-            columns["seq"] = np.array([row["seq"] for row in chunk])
-            yield columns
-
-
-def test_the_loop_packs_exactly_the_scheduled_samples(stage2_rows, tiny_tokenizer, monkeypatch):
+def test_the_loop_packs_exactly_the_scheduled_samples(stage2_rows, tiny_tokenizer, tmp_path):
     world_size, micro, global_batch = 2, 3, 12
     config = load_config(
         None,
@@ -127,35 +133,34 @@ def test_the_loop_packs_exactly_the_scheduled_samples(stage2_rows, tiny_tokenize
             f"train.global_batch_size={global_batch}",
             f"train.micro_batch_size={micro}",
             f"scaling.num_workers={world_size}",
+            "train.shuffle_window=16",  # several windows of row groups
         ],
     )
-    lengths = np.array([len(row["input_ids"]) for row in stage2_rows])
-    supervised = np.array([sum(label != IGNORE_INDEX for label in row["labels"][1:]) for row in stage2_rows])
-    is_image = np.array([bool(row["images"]) for row in stage2_rows])
-    schedule = build_schedule(
-        lengths,
-        is_image,
-        supervised,
-        global_batch_size=global_batch,
-        micro_batch_size=micro,
-        world_size=world_size,
-        epochs=1,
-        seed=0,
-    )
-    shards = {
-        f"rank{rank}": ScheduledShard(
-            [{**stage2_rows[r], "seq": seq} for seq, r in enumerate(schedule.rank_rows(rank))]
-        )
-        for rank in range(world_size)
-    }
-    monkeypatch.setattr(ray.train, "get_dataset_shard", shards.__getitem__)
+    prepared = index_prepared(write_prepared(stage2_rows, tmp_path / "prepared"))
+    schedule = schedule_for(config, prepared.rows)
+    supervised = prepared.rows["num_supervised"].to_numpy()
+    reads = rank_reads(prepared.rows, schedule)
     model = SimpleNamespace(vision_tower=SimpleNamespace(config=TINY_VISION))
     pad_id = tiny_tokenizer.pad_token_id
     accumulation = global_batch // (micro * world_size)
 
+    def loop_batches(rank, skip_steps):
+        return list(
+            micro_batches(
+                config,
+                prepared.units,
+                reads[rank],
+                pad_id,
+                model,
+                skip_steps,
+                world_size,
+                schedule.steps_per_epoch,
+            )
+        )
+
     step_supervised = np.zeros(schedule.steps, dtype=np.int64)
     for rank in range(world_size):
-        batches = list(micro_batches(config, rank, pad_id, model, skip_steps=0, world_size=world_size))
+        batches = loop_batches(rank, skip_steps=0)
         scheduled = schedule.rank_rows(rank).reshape(-1, micro)
         assert len(batches) == len(scheduled) == schedule.steps * accumulation
         for k, (batch, rows) in enumerate(zip(batches, scheduled, strict=True)):
@@ -176,7 +181,7 @@ def test_the_loop_packs_exactly_the_scheduled_samples(stage2_rows, tiny_tokenize
             assert int(batch["num_supervised"]) == int(supervised[rows].sum())
             step_supervised[k // accumulation] += int(batch["num_supervised"])
         # Resuming after a step skips exactly that step's micro-batches.
-        resumed = list(micro_batches(config, rank, pad_id, model, skip_steps=1, world_size=world_size))
+        resumed = loop_batches(rank, skip_steps=1)
         assert len(resumed) == len(batches) - accumulation
         for batch, original in zip(resumed, batches[accumulation:], strict=True):
             assert torch.equal(batch["input_ids"], original["input_ids"])
