@@ -1,6 +1,7 @@
 """Run a llava-ray benchmark: each measures a stage against a bare baseline in the same run.
 
     python benchmarks/run.py prepare [--samples 2000] [--workers W] [--workdir DIR] [--warmup N]
+    python benchmarks/run.py scale [--rows 66500 665000] [--workers 2] [--seconds 20] [--workdir DIR]
     python benchmarks/run.py train [--preset tiny|llava-7b-stage1|stage2-1b] [--steps N]
                                    [--device cpu|cuda] [--packing on|off] [--grouping sorted|llava]
                                    [--lm-head supervised|full] [--attention segments|varlen]
@@ -9,7 +10,8 @@
     ray job submit --working-dir . -- python benchmarks/run.py train --preset stage2-1b --device cuda --ray
     bash benchmarks/gpu_benchmark.sh OUT_DIR      # the GPU checks in one go, on a bare GPU machine
 
-``prepare`` is described in ``prepare_throughput.py``, ``train`` in ``train_step.py``. The last
+``prepare`` is described in ``prepare_throughput.py``, ``scale`` in ``scale_rehearsal.py``,
+``train`` in ``train_step.py``. The last
 line of each is one JSON object with every figure; the figures measured so far, with the commit
 and machine, are in ``benchmarks/README.md``. Benchmarks import ``llava_ray`` (installed, or
 ``PYTHONPATH=platform``); the package never imports them.
@@ -69,6 +71,12 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     return figures
 
 
+def cmd_scale(args: argparse.Namespace) -> dict[str, Any]:
+    import scale_rehearsal  # only here: it needs Ray
+
+    return scale_rehearsal.rehearse(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Benchmarks of llava-ray stages against bare baselines.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -91,6 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=128,
         help="samples of an untimed prepare run first, so Ray worker processes exist (0: measure cold)",
     )
+
+    scale = add("scale", cmd_scale, "training input at LLaVA-665K size: first batch, memory, loader rate")
+    scale.add_argument("--rows", type=int, nargs="+", default=[66_500, 665_000], help="sizes to rehearse")
+    scale.add_argument("--workers", type=int, default=2, help="training ranks (default 2)")
+    scale.add_argument("--seconds", type=float, default=20.0, help="how long each rank's rate is measured")
+    scale.add_argument("--workdir", default="/tmp/llava-scale", help="shards are written (and reused) here")
+    scale.add_argument(
+        "--baseline-max-rows",
+        type=int,
+        default=66_500,
+        help="run the pre-streaming design up to this size (it materializes every image in the object store)",
+    )
+    scale.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per case")
 
     train = add("train", cmd_train, "HF LLaVA padded training vs llava-ray's step, supervised tokens/s")
     train.add_argument(

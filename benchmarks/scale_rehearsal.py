@@ -1,6 +1,6 @@
 """Scale rehearsal of the training input: LLaVA-665K-sized prepared data into Ray Train ranks.
 
-    python benchmarks/scale_rehearsal.py --rows 66500 665000 [--workers 2] [--seconds 20]
+    python benchmarks/run.py scale --rows 66500 665000 [--workers 2] [--seconds 20]
         [--workdir /tmp/llava-scale] [--baseline-max-rows 66500] [--timeout 900]
 
 For each N it writes N rows straight in the prepared shard format (``prepare``'s schema, row
@@ -217,6 +217,7 @@ class StoreMonitor(threading.Thread):
 
 def rank_loop(config: dict[str, Any]) -> None:
     """Each rank: time to its first micro-batch, then its steady rate for ``seconds``."""
+    entered = time.time()
     import ray
     import ray.train
 
@@ -255,6 +256,7 @@ def rank_loop(config: dict[str, Any]) -> None:
     result = {
         "rank": rank,
         "first_batch_at": first,
+        "loop_entered_at": entered,
         "samples_per_s": samples / (time.time() - first),
         "rows_held_peak": getattr(stream, "rows_held_peak", None),
         "rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -274,6 +276,7 @@ def run_case(design: str, prepared: str, workers: int, seconds: float, out: str)
     ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     ray.data.DataContext.get_current().execution_options.preserve_order = True
+    ray_ready = time.time()
     rss_after_init = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     monitor = StoreMonitor()
     monitor.start()
@@ -345,7 +348,9 @@ def run_case(design: str, prepared: str, workers: int, seconds: float, out: str)
     ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(workers)]
     result = {
         "design": design,
+        "ray_init_s": round(ray_ready - started, 1),
         "driver_scan_schedule_s": round(scheduled - scan_started, 2),
+        "rank_loop_entered_s": [round(r["loop_entered_at"] - started, 1) for r in ranks],
         "driver_rss_after_init_mb": round(rss_after_init),
         "driver_rss_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "first_batch_s": [round(r["first_batch_at"] - started, 1) for r in ranks],
@@ -452,18 +457,9 @@ def summary(results: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
 
 
 def main() -> None:
-    if sys.argv[1:2] == ["_case"]:
-        design, prepared, workers, seconds, out = sys.argv[2:7]
-        print(json.dumps(run_case(design, prepared, int(workers), float(seconds), out)), flush=True)
-        return
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, nargs="+", default=[66_500, 665_000])
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--workdir", default="/tmp/llava-scale")
-    parser.add_argument("--baseline-max-rows", type=int, default=66_500)
-    parser.add_argument("--timeout", type=float, default=900.0)
-    print(json.dumps(rehearse(parser.parse_args())), flush=True)
+    """One case in its own process (``rehearse`` runs ``scale_rehearsal.py _case ...``)."""
+    design, prepared, workers, seconds, out = sys.argv[2:7]
+    print(json.dumps(run_case(design, prepared, int(workers), float(seconds), out)), flush=True)
 
 
 if __name__ == "__main__":

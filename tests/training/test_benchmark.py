@@ -1,13 +1,14 @@
 """The benchmarks under ``benchmarks/`` (outside the package): the training benchmark's pieces and
 a short run of ``benchmarks/run.py train`` end to end; the prepare benchmark's figures and CPU
-sampler (its full run needs a Ray cluster and minutes, so it is not run here)."""
+sampler (its full run needs a Ray cluster and minutes, so it is not run here); the scale
+rehearsal's shards and figures (its cases need minutes and tens of GB, so they are not run here)."""
 
 import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import numpy as np
 import pytest
@@ -28,6 +29,7 @@ def load_benchmark(name: str) -> ModuleType:
 
 train_step = load_benchmark("train_step")
 prepare_throughput = load_benchmark("prepare_throughput")
+scale_rehearsal = load_benchmark("scale_rehearsal")
 LLAVA_665K_MIX = train_step.LLAVA_665K_MIX
 TrainBenchOptions = train_step.TrainBenchOptions
 grouped_micro_batches = train_step.grouped_micro_batches
@@ -124,3 +126,32 @@ def test_child_cpu_sampler_counts_children_that_exit():
     with prepare_throughput.ChildCpuSampler(interval_s=0.05) as sampler:
         subprocess.run([sys.executable, "-c", burn], check=True)
     assert sampler.cpu_s >= 0.3
+
+
+def test_scale_rehearsal_writes_shards_training_reads(tmp_path):
+    from llava_ray.training.stream import index_prepared
+
+    report = scale_rehearsal.write_prepared(tmp_path / "prepared", 300)
+    index = index_prepared(str(tmp_path / "prepared"))
+    rows = index.rows
+    assert report["written"] == len(rows) == 300 and sorted(rows["row"]) == list(range(300))
+    assert len(index.units) == 5  # row groups of 64
+    images = rows[rows["is_image"]]
+    assert 0.85 < len(images) / 300 < 0.99 and (images["length"] > scale_rehearsal.IMAGE_POSITIONS).all()
+    assert 30_000 < report["image_bytes_mean"] < 80_000  # photo-like encoded 336 px JPEGs
+    again = scale_rehearsal.write_prepared(tmp_path / "prepared", 300)
+    assert again == report  # complete shards are reused
+
+
+def test_scale_rehearsal_goals_are_read_at_the_largest_size():
+    args = SimpleNamespace(rows=[10, 20])
+    results = {
+        "20": {"stream": {"first_batch_s": [41.0, 58.5], "samples_per_s_per_rank": [30.0, 17.0]}},
+    }
+    goals = scale_rehearsal.summary(results, args)["goals"]
+    assert goals["rows"] == 20 and goals["first_batch_within_60_s"]
+    assert goals["loader_at_least_3x"] and goals["loader_over_stage1_gpu"] == round(
+        17 / (558_000 / 100_800), 1
+    )
+    results["20"]["stream"]["first_batch_s"][1] = 61.0
+    assert not scale_rehearsal.summary(results, args)["goals"]["first_batch_within_60_s"]

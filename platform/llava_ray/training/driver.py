@@ -106,7 +106,11 @@ def schedule_for(config: LlavaRayConfig, index: pd.DataFrame) -> Schedule:
 
 def rank_reads(index: pd.DataFrame, schedule: Schedule) -> list[Reads]:
     """Each rank's reads in the order it trains on them (step-major)."""
-    return [Reads.of(index.iloc[schedule.rank_rows(rank)]) for rank in range(schedule.order.shape[1])]
+    unit, offset, row = (index[name].to_numpy() for name in ("unit", "offset", "row"))
+    return [
+        Reads(unit[positions], offset[positions], row[positions])
+        for positions in map(schedule.rank_rows, range(schedule.order.shape[1]))
+    ]
 
 
 def run_train(

@@ -172,7 +172,7 @@ def index_blocks(dataset: ray.data.Dataset) -> PreparedIndex:
     blocks = dataset.to_arrow_refs()
     frames = ray.get([_block_light_columns.remote(block) for block in blocks])
     for unit, frame in enumerate(frames):
-        frame["unit"] = np.int32(unit)
+        frame["unit"] = np.full(len(frame), unit, dtype=np.int32)
         frame["offset"] = np.arange(len(frame), dtype=np.int32)
     units = Units(
         [], np.full(len(blocks), -1, dtype=np.int32), np.arange(len(blocks), dtype=np.int32), blocks
