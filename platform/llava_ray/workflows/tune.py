@@ -86,8 +86,8 @@ def run_trial(
     """One trial (a Tune function trainable): train the sampled config, forwarding validation results.
 
     The stage job runs in a task scheduled outside the trial's placement group: Tune's group
-    captures child tasks, and Ray Data's sort tasks started by the training workers would inherit
-    that capture into the workers' own group, where they do not fit. The task shares the trial's
+    captures child tasks, and the tasks the stage job's driver starts (Ray Data preparing data on
+    the fly, indexing its blocks) would inherit that capture into a group they do not fit. The task shares the trial's
     fate: when ASHA stops the trial, the task and the training run it started end with it.
     """
     import ray
