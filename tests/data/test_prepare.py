@@ -181,12 +181,13 @@ def test_jpeg_rows_match_the_processed_source_image(stage1, synthetic: Path, pre
 
 
 def test_streaming_dataset_yields_the_rows_without_shards(ray_cluster, synthetic: Path, make_config) -> None:
-    config = make_config([{"path": str(synthetic / "stage2.json")}])
-    pipeline = build_prepare_pipeline(config, workers=1)
+    config = make_config([{"path": str(synthetic / "stage2.json")}], prepare_workers=1)
+    pipeline = build_prepare_pipeline(config)
     rows = pipeline.dataset.take_all()
     assert {row["id"] for row in rows} == set(load_samples(synthetic / "stage2.json"))
     report = pipeline.finish(elapsed_s=1.0)
     assert (report["input"], report["written"]) == (len(rows), len(rows))
+    assert report["workers"] == 1  # data.prepare_workers, not the session cluster's 2 CPUs
 
 
 # --- every kind of bad input -----------------------------------------------------------------

@@ -163,6 +163,14 @@ class DataConfig(Section):
         None, description="Where `prepare` writes parquet shards and report.json, and `train` reads them."
     )
     shard_size_mb: int = Field(256, gt=0, description="Target size of one parquet shard.")
+    prepare_workers: int | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Most prepare actors (one CPU each); default: the cluster's CPUs when prepare starts. On an "
+            "autoscaling cluster set it to the CPUs the CPU node type can grow to (docs/scale.md)."
+        ),
+    )
     max_image_pixels: int = Field(
         89_478_485, gt=0, description="Images with more pixels are skipped (decompression-bomb guard)."
     )

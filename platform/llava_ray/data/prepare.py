@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 import ray
 from PIL import Image
 from ray.actor import ActorHandle
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from transformers import PreTrainedTokenizerBase
 
 from llava_ray.config.loader import ConfigError
@@ -166,7 +167,7 @@ def build_prepare_pipeline(config: LlavaRayConfig, workers: int | None = None) -
 def run_prepare(config: LlavaRayConfig, workers: int | None = None) -> dict[str, Any]:
     """Write shards and ``report.json`` to ``data.prepared_path``; print a summary; return the report.
 
-    ``workers`` caps the actor pool (default: every CPU of the cluster).
+    ``workers`` caps the actor pool (default: ``data.prepare_workers``, else every CPU of the cluster).
     """
     started = time.perf_counter()
     output = config.data.prepared_path
@@ -210,8 +211,16 @@ def _build_pipeline(config: LlavaRayConfig, sources: list[Source], workers: int 
     settings = PrepareSettings.from_config(config, tokenizer)
     if not ray.is_initialized():
         ray.init()
-    workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    report = ReportActor.remote([source.name for source in sources])
+    # data.prepare_workers lets an autoscaling cluster grow: the CPUs up now may be none at all.
+    workers = workers or config.data.prepare_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    # The report is the run's only tally, so it lives on the driver's node: a 0-CPU actor could
+    # otherwise land on any node, and losing that node would fail the run (the driver's own loss
+    # ends it anyway). The prepare actors restart elsewhere and resend their batches' records.
+    report = ReportActor.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=False
+        )
+    ).remote([source.name for source in sources])
     scanner = SourceScanner(sources, config.run.seed)
     blocks = _scan_into_blocks(scanner, report)
     actors = min(workers, len(blocks))  # an actor per block at most: a small run starts no idle ones
