@@ -1,9 +1,12 @@
 """Offline checks of the cluster definitions under cluster/: nothing is launched.
 
 cluster/aws.yaml goes through the Ray cluster launcher's own defaults and schema (the same
-`prepare_config` + `validate_config` that `ray up` runs first); the KubeRay manifests, the
-Dockerfile and the runtime environment are checked for the structure and the versions that
-a real cluster would otherwise reject only after nodes are up.
+`prepare_config` + `validate_config` that `ray up` runs first). The KubeRay manifests go through
+KubeRay's own CRD schemas as the API server applies them (`kubectl apply --validate=strict`:
+unknown fields are errors), from tests/assets/kuberay/ (see its README for the source tag); the
+RayService's serveConfigV2 goes through Ray Serve's schema and its args through llava-ray's
+`ServeConfig`. The manifests, the Dockerfile and the runtime environment are also checked for
+the structure and the versions that a real cluster would otherwise reject only after nodes are up.
 
     python -m pytest tests/cluster/test_cluster_definitions.py -q
 """
@@ -11,6 +14,9 @@ a real cluster would otherwise reject only after nodes are up.
 from __future__ import annotations
 
 import copy
+import functools
+import gzip
+import importlib
 import re
 import subprocess
 from pathlib import Path
@@ -22,11 +28,20 @@ import ray
 import yaml
 from ray.runtime_env import RuntimeEnv
 
+from llava_ray.config.serve import ServeConfig, serve_problems
+
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
+KUBERAY = CLUSTER / "kuberay"
+KUBERAY_CRDS = REPO / "tests" / "assets" / "kuberay"
 # Every node (head, CPU, GPU) runs this one image so Python, Ray and torch agree everywhere.
 EXPECTED_IMAGE = f"rayproject/ray:{ray.__version__}-py311-gpu"
 GPU_INSTANCE_TYPES = {"p4d.24xlarge", "p5.48xlarge"}
+
+# Ray Serve 2.60's own modules use pydantic's deprecated Field(**extra) when first imported.
+pytestmark = pytest.mark.filterwarnings(
+    r"ignore:Using extra keyword arguments on `Field`:DeprecationWarning:ray\.serve"
+)
 
 
 def load_yaml(path: Path) -> Any:
@@ -59,12 +74,17 @@ def aws_prepared(aws: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def raycluster() -> dict[str, Any]:
-    return load_yaml(CLUSTER / "kuberay" / "raycluster.yaml")
+    return load_yaml(KUBERAY / "raycluster.yaml")
 
 
 @pytest.fixture(scope="module")
 def rayjob() -> dict[str, Any]:
-    return load_yaml(CLUSTER / "kuberay" / "rayjob.yaml")
+    return load_yaml(KUBERAY / "rayjob.yaml")
+
+
+@pytest.fixture(scope="module")
+def rayservice() -> dict[str, Any]:
+    return load_yaml(KUBERAY / "rayservice.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -222,17 +242,22 @@ def _images(node: Any) -> list[str]:
 
 
 def test_images_match_the_installed_ray(
-    aws: dict[str, Any], raycluster: dict[str, Any], rayjob: dict[str, Any]
+    aws: dict[str, Any], raycluster: dict[str, Any], rayjob: dict[str, Any], rayservice: dict[str, Any]
 ) -> None:
     assert aws["docker"]["image"] == EXPECTED_IMAGE
     dockerfile_from = re.findall(r"^FROM\s+(\S+)", (CLUSTER / "Dockerfile").read_text(), re.MULTILINE)
     assert dockerfile_from == [EXPECTED_IMAGE]
-    for name, manifest in (("raycluster.yaml", raycluster), ("rayjob.yaml", rayjob)):
+    for name, manifest in (
+        ("raycluster.yaml", raycluster),
+        ("rayjob.yaml", rayjob),
+        ("rayservice.yaml", rayservice),
+    ):
         images = _images(manifest)
         assert images, f"{name}: no container images found"
         assert set(images) == {EXPECTED_IMAGE}, f"{name}: {sorted(set(images))}"
     assert raycluster["spec"]["rayVersion"] == ray.__version__
     assert rayjob["spec"]["rayClusterSpec"]["rayVersion"] == ray.__version__
+    assert rayservice["spec"]["rayClusterConfig"]["rayVersion"] == ray.__version__
 
 
 def test_dockerfile_installs_cuda_torch_deepspeed_and_the_project() -> None:
@@ -244,7 +269,294 @@ def test_dockerfile_installs_cuda_torch_deepspeed_and_the_project() -> None:
     assert re.search(r"pip install [^\n]*\s\.(\s|$)", runs), "the project itself: pip install ."
 
 
-# --- KubeRay --------------------------------------------------------------------------------
+# --- KubeRay: KubeRay's own CRD schemas -----------------------------------------------------
+
+KUBERAY_MANIFESTS = sorted(KUBERAY.glob("*.yaml"))
+# The CRDs of KubeRay v1.7.0 (tests/assets/kuberay/README.md), by the kind each defines.
+CRD_FILES = {
+    "RayCluster": "ray.io_rayclusters.yaml.gz",
+    "RayJob": "ray.io_rayjobs.yaml.gz",
+    "RayService": "ray.io_rayservices.yaml.gz",
+}
+# The operator refuses longer names: a RayJob's or RayService's cluster name adds a suffix
+# (KubeRay v1.7.0 ray-operator/controllers/ray/utils/constant.go and validation.go).
+MAX_NAME_LENGTH = {"RayCluster": 53, "RayJob": 47, "RayService": 47}
+DNS_1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+PRESERVE_UNKNOWN_FIELDS = "x-kubernetes-preserve-unknown-fields"
+# metav1.ObjectMeta's fields: the API server validates `metadata` itself (the CRD says `type: object`).
+OBJECT_META_FIELDS = (
+    "name",
+    "generateName",
+    "namespace",
+    "selfLink",
+    "uid",
+    "resourceVersion",
+    "generation",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+    "labels",
+    "annotations",
+    "ownerReferences",
+    "finalizers",
+    "managedFields",
+)
+
+
+def strict_structural_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """A CRD's structural schema as JSON Schema that refuses what `kubectl apply --validate=strict` refuses.
+
+    The API server drops every field its schema does not declare, and strict validation makes each
+    one an error: an object schema takes no undeclared field unless it has `additionalProperties`
+    (a map) or `x-kubernetes-preserve-unknown-fields: true`. `x-kubernetes-int-or-string` takes an
+    integer or a string, `nullable` adds null. CEL rules (`x-kubernetes-validations`) and `format`
+    are not checked.
+    """
+    schema = dict(schema)
+    if "properties" in schema:
+        schema["properties"] = {
+            name: strict_structural_schema(sub) for name, sub in schema["properties"].items()
+        }
+    for key in ("additionalProperties", "items", "not"):
+        if isinstance(schema.get(key), dict):
+            schema[key] = strict_structural_schema(schema[key])
+    for key in ("allOf", "anyOf", "oneOf"):
+        if key in schema:
+            schema[key] = [strict_structural_schema(sub) for sub in schema[key]]
+    if schema.get("x-kubernetes-int-or-string") and "anyOf" not in schema:
+        schema["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    is_object = schema.get("type") == "object" or "properties" in schema
+    if is_object and "additionalProperties" not in schema and not schema.get(PRESERVE_UNKNOWN_FIELDS):
+        schema["additionalProperties"] = False
+    if schema.get("nullable"):
+        schema = {"anyOf": [{"type": "null"}, schema]}
+    return schema
+
+
+def object_meta_schema(kind: str) -> dict[str, Any]:
+    """`metadata` as the API server and KubeRay check it: a name, known fields, string labels and annotations."""
+    string_map = {"type": "object", "additionalProperties": {"type": "string"}}
+    fields: dict[str, Any] = {field: {} for field in OBJECT_META_FIELDS}
+    fields.update(
+        name={"type": "string", "pattern": DNS_1035_LABEL, "maxLength": MAX_NAME_LENGTH[kind]},
+        namespace={"type": "string"},
+        labels=string_map,
+        annotations=string_map,
+    )
+    return {"type": "object", "required": ["name"], "properties": fields, "additionalProperties": False}
+
+
+@functools.cache
+def crd_validator(kind: str) -> jsonschema.Draft4Validator:
+    """The validator of `kind`'s ray.io/v1 objects, from KubeRay's CRD."""
+    text = gzip.decompress((KUBERAY_CRDS / CRD_FILES[kind]).read_bytes())
+    crd = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    assert crd["spec"]["names"]["kind"] == kind, CRD_FILES[kind]
+    (v1,) = [version for version in crd["spec"]["versions"] if version["name"] == "v1"]
+    schema = strict_structural_schema(v1["schema"]["openAPIV3Schema"])
+    schema["properties"].update(
+        apiVersion={"enum": [f"{crd['spec']['group']}/v1"]},
+        kind={"enum": [kind]},
+        metadata=object_meta_schema(kind),
+    )
+    schema["required"] = ["apiVersion", "kind", "metadata", "spec"]
+    # OpenAPI v3.0 schemas are JSON Schema draft 4 plus the x-kubernetes-* keys handled above.
+    return jsonschema.Draft4Validator(schema)
+
+
+def check_kuberay_schema(manifest: dict[str, Any]) -> None:
+    """Raise one ValueError listing every field KubeRay 1.7's CRD (or ObjectMeta) refuses, by its path."""
+    kind = manifest.get("kind")
+    if kind not in CRD_FILES:
+        raise ValueError(f"kind {kind!r} is none of KubeRay's {sorted(CRD_FILES)}")
+    errors = sorted(
+        crd_validator(kind).iter_errors(manifest), key=lambda e: [str(p) for p in e.absolute_path]
+    )
+    if errors:
+        name = manifest.get("metadata", {}).get("name")
+        raise ValueError(
+            f"{kind} {name!r} does not match KubeRay 1.7's CRD schema:\n"
+            + "\n".join(f"  {error.json_path}: {error.message}" for error in errors)
+        )
+
+
+def test_strict_structural_schema_follows_kubernetes_rules() -> None:
+    """Each rule on a small schema: undeclared fields refused unless kept or a map; int-or-string; nullable."""
+    schema = strict_structural_schema(
+        {
+            "type": "object",
+            "properties": {
+                "port": {"x-kubernetes-int-or-string": True},
+                "kept": {
+                    "type": "object",
+                    "properties": {"a": {"type": "string"}},
+                    PRESERVE_UNKNOWN_FIELDS: True,
+                },
+                "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                "when": {"type": "string", "nullable": True},
+                "bare": {"type": "object"},
+            },
+        }
+    )
+    validator = jsonschema.Draft4Validator(schema)
+    accepted = {
+        "port": "http",
+        "kept": {"a": "x", "extra": 1},
+        "labels": {"any": "x"},
+        "when": None,
+        "bare": {},
+    }
+    assert list(validator.iter_errors(accepted)) == []
+    assert validator.is_valid({"port": 8000})
+    refused = [
+        {"port": 1.5},
+        {"kept": {"a": 1}},
+        {"labels": {"any": 1}},
+        {"bare": {"field": 1}},
+        {"unknown": 1},
+    ]
+    for instance in refused:
+        assert not validator.is_valid(instance), instance
+
+
+def _manifest_id(path: Path) -> str:
+    return path.name
+
+
+def test_every_kuberay_manifest_is_checked() -> None:
+    assert [p.name for p in KUBERAY_MANIFESTS] == ["raycluster.yaml", "rayjob.yaml", "rayservice.yaml"]
+
+
+@pytest.mark.parametrize("path", KUBERAY_MANIFESTS, ids=_manifest_id)
+def test_kuberay_manifest_passes_kuberays_crd_schema(path: Path) -> None:
+    check_kuberay_schema(load_yaml(path))
+
+
+def _typo_in_start_params(m: dict[str, Any]) -> None:
+    head = m["spec"]["headGroupSpec"]
+    head["rayStartParam"] = head.pop("rayStartParams")
+
+
+def _integer_start_param(m: dict[str, Any]) -> None:
+    m["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] = 0  # map[string]string: must be "0"
+
+
+def _typo_in_metadata(m: dict[str, Any]) -> None:
+    m["metadata"]["lables"] = m["metadata"].pop("labels")
+
+
+def _worker_group_without_name(m: dict[str, Any]) -> None:
+    del m["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["groupName"]
+
+
+def _gpu_count_not_a_quantity(m: dict[str, Any]) -> None:
+    gpu_group = m["spec"]["rayClusterSpec"]["workerGroupSpecs"][1]
+    _containers(gpu_group)[0]["resources"]["limits"]["nvidia.com/gpu"] = "eight"
+
+
+def _typo_in_container(m: dict[str, Any]) -> None:
+    gpu_group = m["spec"]["rayClusterSpec"]["workerGroupSpecs"][1]
+    container = _containers(gpu_group)[0]
+    container["volumeMount"] = container.pop("volumeMounts")
+
+
+def _rayjob_field_name_in_a_rayservice(m: dict[str, Any]) -> None:
+    m["spec"]["rayClusterSpec"] = m["spec"].pop("rayClusterConfig")
+
+
+def _serve_config_as_a_mapping(m: dict[str, Any]) -> None:
+    m["spec"]["serveConfigV2"] = yaml.safe_load(m["spec"]["serveConfigV2"])
+
+
+def _name_with_dots(m: dict[str, Any]) -> None:
+    m["metadata"]["name"] = "llava-1.5-7b"
+
+
+def _no_name(m: dict[str, Any]) -> None:
+    del m["metadata"]["name"]
+
+
+def _alpha_api_version(m: dict[str, Any]) -> None:
+    m["apiVersion"] = "ray.io/v1alpha1"
+
+
+@pytest.mark.parametrize(
+    ("file", "break_manifest", "message"),
+    [
+        pytest.param(
+            "raycluster.yaml",
+            _typo_in_start_params,
+            r"\$\.spec\.headGroupSpec: Additional properties are not allowed \('rayStartParam' was unexpected\)",
+            id="typo_in_start_params",
+        ),
+        pytest.param(
+            "raycluster.yaml",
+            _integer_start_param,
+            r"\$\.spec\.headGroupSpec\.rayStartParams\['num-cpus'\]: 0 is not of type 'string'",
+            id="integer_start_param",
+        ),
+        pytest.param("raycluster.yaml", _typo_in_metadata, r"'lables' was unexpected", id="typo_in_metadata"),
+        pytest.param(
+            "rayjob.yaml",
+            _worker_group_without_name,
+            r"\$\.spec\.rayClusterSpec\.workerGroupSpecs\[0\]: 'groupName' is a required property",
+            id="worker_group_without_name",
+        ),
+        pytest.param(
+            "rayjob.yaml", _gpu_count_not_a_quantity, r"'eight' does not match", id="not_a_quantity"
+        ),
+        pytest.param(
+            "rayjob.yaml", _typo_in_container, r"'volumeMount' was unexpected", id="typo_in_container"
+        ),
+        pytest.param(
+            "rayservice.yaml",
+            _rayjob_field_name_in_a_rayservice,
+            r"(?s)\$\.spec: 'rayClusterConfig' is a required property.*'rayClusterSpec' was unexpected",
+            id="rayjob_field_name_in_a_rayservice",
+        ),
+        pytest.param(
+            "rayservice.yaml",
+            _serve_config_as_a_mapping,
+            r"\$\.spec\.serveConfigV2: .* is not of type 'string'",
+            id="serve_config_as_a_mapping",
+        ),
+        pytest.param(
+            "rayservice.yaml", _name_with_dots, r"'llava-1\.5-7b' does not match", id="name_with_dots"
+        ),
+        pytest.param(
+            "rayservice.yaml", _no_name, r"\$\.metadata: 'name' is a required property", id="no_name"
+        ),
+        pytest.param(
+            "rayservice.yaml",
+            _alpha_api_version,
+            r"'ray\.io/v1alpha1' is not one of \['ray\.io/v1'\]",
+            id="alpha_api_version",
+        ),
+    ],
+)
+def test_kuberay_crd_schema_rejects_a_broken_copy(file: str, break_manifest, message: str) -> None:
+    """The CRD check can fail: each deliberately broken copy is refused, at the broken field."""
+    broken = load_yaml(KUBERAY / file)
+    break_manifest(broken)
+    with pytest.raises(ValueError, match=message):
+        check_kuberay_schema(broken)
+
+
+@pytest.mark.parametrize("path", KUBERAY_MANIFESTS, ids=_manifest_id)
+def test_kuberay_top_comment_gives_the_commands(path: Path) -> None:
+    text = path.read_text()
+    manifest = yaml.safe_load(text)
+    header = text[: text.index("\napiVersion:")]
+    assert header.startswith("#") and all(line.startswith("#") for line in header.splitlines())
+    for command in (
+        f"kubectl apply -f cluster/kuberay/{path.name}",
+        f"kubectl get {manifest['kind'].lower()} {manifest['metadata']['name']}",
+        f"kubectl delete -f cluster/kuberay/{path.name}",
+    ):
+        assert command in header, command
+
+
+# --- KubeRay: cluster structure -------------------------------------------------------------
 
 
 def _containers(group: dict[str, Any]) -> list[dict[str, Any]]:
@@ -257,20 +569,40 @@ def _gpu_limit(group: dict[str, Any]) -> int:
     )
 
 
-def check_raycluster_spec(spec: dict[str, Any]) -> None:
+def _cpu_limit(group: dict[str, Any]) -> float:
+    """The CPUs Ray advertises on a pod of `group`: its containers' cpu limits (a quantity: "6", "500m")."""
+    quantities = [str(c["resources"]["limits"]["cpu"]) for c in _containers(group)]
+    return sum(float(q[:-1]) / 1000 if q.endswith("m") else float(q) for q in quantities)
+
+
+def _serve_ports(group: dict[str, Any]) -> list[int]:
+    return [
+        p["containerPort"] for c in _containers(group) for p in c.get("ports", []) if p.get("name") == "serve"
+    ]
+
+
+def _pod_templates(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    return [group["template"] for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]]
+
+
+def check_cluster_spec(spec: dict[str, Any]) -> None:
+    """What every llava-ray cluster shares: Ray's autoscaler, a head that takes no work, sane group sizes."""
     assert spec["enableInTreeAutoscaling"] is True
     assert isinstance(spec["autoscalerOptions"], dict) and spec["autoscalerOptions"]
     head = spec["headGroupSpec"]
     assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+    assert head["rayStartParams"]["num-cpus"] == "0", "the head takes no tasks, actors or replicas"
     assert _containers(head) and all(c.get("image") and c.get("name") for c in _containers(head))
-    groups = spec["workerGroupSpecs"]
-    for group in [head, *groups]:
-        # KubeRay's rayStartParams is map[string]string: a bare 0 or true is rejected.
-        assert all(isinstance(v, str) for v in group["rayStartParams"].values()), group["rayStartParams"]
-    for group in groups:
+    for group in spec["workerGroupSpecs"]:
         assert group["groupName"]
         assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], group["groupName"]
         assert _containers(group)
+
+
+def check_training_cluster_spec(spec: dict[str, Any]) -> None:
+    """A training cluster: a CPU group for Ray Data, 8-GPU pods for Ray Train, both from 0."""
+    check_cluster_spec(spec)
+    groups = spec["workerGroupSpecs"]
     gpu_groups = [g for g in groups if _gpu_limit(g)]
     cpu_groups = [g for g in groups if not _gpu_limit(g)]
     assert gpu_groups and cpu_groups, "one CPU and one GPU worker group"
@@ -279,11 +611,43 @@ def check_raycluster_spec(spec: dict[str, Any]) -> None:
         assert _gpu_limit(group) == 8, group["groupName"]
 
 
+def check_serving_cluster_spec(spec: dict[str, Any], serve: ServeConfig, http_port: int) -> None:
+    """A serving cluster: GPU groups sized by the app's replica autoscaling, Serve's port on every pod."""
+    check_cluster_spec(spec)
+    groups = spec["workerGroupSpecs"]
+    assert groups and all(_gpu_limit(g) for g in groups), "serving: GPU worker groups only (the replicas)"
+    scaling = serve.autoscaling
+    assert scaling is not None, "serve.autoscaling: replicas (and so GPU pods) follow the load"
+    assert serve.num_gpus_per_replica == 1, (
+        f"one GPU per replica (7B in bf16 fits one), not {serve.num_gpus_per_replica!r}"
+    )
+    # So a pod holds as many replicas as it has GPUs, and the groups as many as their GPUs.
+    for group in groups:
+        assert _cpu_limit(group) >= _gpu_limit(group) * serve.num_cpus_per_replica, (
+            f"{group['groupName']}: {_cpu_limit(group)} CPUs cannot hold {_gpu_limit(group)} replicas of "
+            f"num_cpus_per_replica={serve.num_cpus_per_replica}"
+        )
+    fewest = sum(g["minReplicas"] * _gpu_limit(g) for g in groups)
+    most = sum(g["maxReplicas"] * _gpu_limit(g) for g in groups)
+    assert fewest == scaling.min_replicas, (
+        f"the GPU groups keep {fewest} replicas' GPUs up, serve.autoscaling.min_replicas is "
+        f"{scaling.min_replicas}: more holds idle GPUs; set minReplicas to match"
+    )
+    assert most >= scaling.max_replicas, (
+        f"the GPU groups hold at most {most} replicas, serve.autoscaling.max_replicas is "
+        f"{scaling.max_replicas}: the rest would stay pending; raise maxReplicas"
+    )
+    # KubeRay's serve service targets the pods' `serve` port; Serve's proxies listen on http_options.port.
+    assert _serve_ports(spec["headGroupSpec"]) == [http_port]
+    for group in groups:
+        assert _serve_ports(group) == [http_port], group["groupName"]
+
+
 def test_raycluster_structure(raycluster: dict[str, Any]) -> None:
     assert raycluster["apiVersion"] == "ray.io/v1"
     assert raycluster["kind"] == "RayCluster"
     assert raycluster["metadata"]["name"]
-    check_raycluster_spec(raycluster["spec"])
+    check_training_cluster_spec(raycluster["spec"])
 
 
 def test_rayjob_structure(rayjob: dict[str, Any], raycluster: dict[str, Any]) -> None:
@@ -294,20 +658,215 @@ def test_rayjob_structure(rayjob: dict[str, Any], raycluster: dict[str, Any]) ->
     assert spec["entrypoint"] == "python jobs/pipeline.py --config jobs/configs/llava-1.5-7b/pipeline.yaml"
     assert spec["shutdownAfterJobFinishes"] is True
     assert isinstance(spec["ttlSecondsAfterFinished"], int) and spec["ttlSecondsAfterFinished"] > 0
-    check_raycluster_spec(spec["rayClusterSpec"])
+    check_training_cluster_spec(spec["rayClusterSpec"])
     assert spec["rayClusterSpec"] == raycluster["spec"], (
         "keep rayjob.yaml's rayClusterSpec = raycluster.yaml's spec"
     )
 
 
-def test_rayjob_runtime_env_is_runtime_env_yaml_with_a_remote_working_dir(
-    rayjob: dict[str, Any], runtime_env: dict[str, Any]
+def test_rayservice_structure(rayservice: dict[str, Any], raycluster: dict[str, Any]) -> None:
+    assert rayservice["apiVersion"] == "ray.io/v1"
+    assert rayservice["kind"] == "RayService"
+    assert rayservice["metadata"]["name"]
+    spec = rayservice["spec"]
+    deploy_config = serve_deploy_config(rayservice)
+    _, serve = validated_serve_app(deploy_config)
+    check_serving_cluster_spec(spec["rayClusterConfig"], serve, deploy_config["http_options"]["port"])
+    # Same autoscaler settings and S3 identity as the training cluster.
+    cluster = spec["rayClusterConfig"]
+    assert cluster["autoscalerOptions"] == raycluster["spec"]["autoscalerOptions"]
+    accounts = {t["spec"].get("serviceAccountName") for t in _pod_templates(cluster)}
+    assert accounts == {raycluster["spec"]["headGroupSpec"]["template"]["spec"]["serviceAccountName"]}
+
+
+# --- KubeRay: the RayService's Serve config -------------------------------------------------
+
+# ServeConfig fields a RayService takes from elsewhere: the HTTP address from serveConfigV2's
+# http_options, the app's name and route from its application entry.
+CLI_ONLY_SERVE_FIELDS = ("host", "port", "app_name", "route_prefix")
+
+
+def serve_deploy_config(rayservice: dict[str, Any]) -> dict[str, Any]:
+    return yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+
+
+def _unknown_keys(where: str, given: dict[str, Any], schema: Any) -> list[str]:
+    unknown = sorted(set(given) - set(schema.model_fields))
+    return [f"{where}: unknown keys {unknown}, which Ray Serve ignores"] if unknown else []
+
+
+def validated_serve_app(deploy_config: dict[str, Any]) -> tuple[dict[str, Any], ServeConfig]:
+    """Check serveConfigV2 as Ray Serve and llava-ray read it; return its one application and its args.
+
+    Ray's schemas ignore unknown keys (for forward compatibility), so they are looked for here: a
+    typo would otherwise deploy with the default. Replicas, GPUs and batching have one home, the
+    args (llava-ray's ServeConfig), never serveConfigV2's `deployments` overrides.
+    """
+    from ray.serve.schema import HTTPOptionsSchema, ServeApplicationSchema, ServeDeploySchema
+
+    problems = _unknown_keys("serveConfigV2", deploy_config, ServeDeploySchema)
+    problems += _unknown_keys("http_options", deploy_config.get("http_options", {}), HTTPOptionsSchema)
+    for i, app in enumerate(deploy_config.get("applications", [])):
+        problems += _unknown_keys(f"applications[{i}]", app, ServeApplicationSchema)
+        if app.get("deployments"):
+            problems.append(
+                f"applications[{i}].deployments overrides {[d.get('name') for d in app['deployments']]}: "
+                "set replicas, GPUs and batching in args (the serve config) only"
+            )
+        cli_only = [key for key in CLI_ONLY_SERVE_FIELDS if key in app.get("args", {})]
+        if cli_only:
+            problems.append(
+                f"applications[{i}].args {cli_only}: unused in a RayService; set http_options' host/port "
+                "and the application's name/route_prefix instead"
+            )
+    if problems:
+        raise ValueError("; ".join(problems))
+    ServeDeploySchema.model_validate(deploy_config)  # pydantic's ValidationError is a ValueError
+    (app,) = deploy_config["applications"]
+    serve = ServeConfig.model_validate(app.get("args", {}))
+    if serve_problems(serve):
+        raise ValueError("; ".join(serve_problems(serve)))
+    return app, serve
+
+
+def test_rayservice_serve_config_passes_ray_serve_and_llava_ray_validation(
+    rayservice: dict[str, Any],
 ) -> None:
-    job_env = yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"])
-    RuntimeEnv(**job_env)  # Ray's own field validation
-    assert re.match(r"^(https|s3)://.+\.zip$", job_env["working_dir"]), job_env["working_dir"]
+    deploy_config = serve_deploy_config(rayservice)
+    app, serve = validated_serve_app(deploy_config)
+    assert deploy_config["http_options"] == {"host": "0.0.0.0", "port": 8000}
+    assert (app["name"], app["route_prefix"]) == ("llava-ray", "/")
+    assert app["import_path"] == "llava_ray.serving.app:build_app"
+    assert serve.backend == "llava-ray"
+
+
+def test_rayservice_serves_the_stage_2_model(rayservice: dict[str, Any]) -> None:
+    from llava_ray.config.loader import load_config
+    from llava_ray.training.final_model import final_model_uri
+
+    _, serve = validated_serve_app(serve_deploy_config(rayservice))
+    finetune = load_config(REPO / "jobs" / "configs" / "llava-1.5-7b" / "finetune.yaml")
+    assert serve.model == final_model_uri(finetune), "serve finetune.yaml's final model"
+
+
+def test_rayservice_app_builds_from_its_args(rayservice: dict[str, Any]) -> None:
+    """import_path names llava-ray's builder, and Ray Serve takes the deployment it builds from the args."""
+    from ray import serve
+
+    (app,) = serve_deploy_config(rayservice)["applications"]
+    module, function = app["import_path"].split(":")
+    build = getattr(importlib.import_module(module), function)
+    assert isinstance(build(app["args"]), serve.Application)  # nothing starts: the model is not loaded
+
+
+def test_rayservice_top_comment_reaches_the_serve_service(rayservice: dict[str, Any]) -> None:
+    text = (KUBERAY / "rayservice.yaml").read_text()
+    port = serve_deploy_config(rayservice)["http_options"]["port"]
+    name = rayservice["metadata"]["name"]
+    assert f"kubectl port-forward service/{name}-serve-svc {port}:{port}" in text
+    assert f"curl http://127.0.0.1:{port}/v1/models" in text
+
+
+def _set_serve_config(m: dict[str, Any], change) -> None:
+    config = yaml.safe_load(m["spec"]["serveConfigV2"])
+    change(config)
+    m["spec"]["serveConfigV2"] = yaml.safe_dump(config, sort_keys=False)
+
+
+def _app(config: dict[str, Any]) -> dict[str, Any]:
+    return config["applications"][0]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        pytest.param(
+            lambda c: c.update(http_option=c.pop("http_options")),
+            r"serveConfigV2: unknown keys \['http_option'\]",
+            id="typo_in_serve_config",
+        ),
+        pytest.param(
+            lambda c: _app(c).update(route="/"),
+            r"applications\[0\]: unknown keys \['route'\]",
+            id="typo_in_application",
+        ),
+        pytest.param(
+            lambda c: _app(c).update(deployments=[{"name": "LlavaServer", "num_replicas": 2}]),
+            r"applications\[0\]\.deployments overrides \['LlavaServer'\]: set replicas",
+            id="deployment_override",
+        ),
+        pytest.param(
+            lambda c: _app(c)["args"].update(port=9000),
+            r"applications\[0\]\.args \['port'\]: unused in a RayService",
+            id="cli_only_arg",
+        ),
+        pytest.param(
+            lambda c: _app(c).update(import_path="llava_ray.serving.app:build_app:app"),
+            r'Got invalid import path "llava_ray\.serving\.app:build_app:app"',
+            id="bad_import_path",
+        ),
+        pytest.param(
+            lambda c: _app(c)["runtime_env"].update(working_dir="."),
+            r"runtime_envs in the Serve config support only remote URIs in working_dir",
+            id="local_working_dir",
+        ),
+        pytest.param(
+            lambda c: _app(c)["args"].update(num_gpu_per_replica=1),
+            r"num_gpu_per_replica\n  Extra inputs are not permitted",
+            id="typo_in_args",
+        ),
+        pytest.param(
+            lambda c: _app(c)["args"]["autoscaling"].update(min_replicas=5),
+            r"min_replicas=5 > max_replicas=4",
+            id="autoscaling_min_above_max",
+        ),
+        pytest.param(
+            lambda c: _app(c)["args"].update(remote_image_hosts=["images.example.com"]),
+            r"serve\.remote_image_hosts is set but serve\.allow_remote_images is false",
+            id="serve_problem",
+        ),
+    ],
+)
+def test_serve_config_validation_rejects_a_broken_copy(
+    rayservice: dict[str, Any], change, message: str
+) -> None:
+    """The Serve checks can fail: each deliberately broken serveConfigV2 is refused, for its reason."""
+    broken = copy.deepcopy(rayservice)
+    _set_serve_config(broken, change)
+    with pytest.raises(ValueError, match=message):
+        validated_serve_app(serve_deploy_config(broken))
+
+
+def test_serving_cluster_check_rejects_a_broken_copy(rayservice: dict[str, Any]) -> None:
+    """The serving structure check can fail: a GPU group too small for max_replicas is refused."""
+    broken = copy.deepcopy(rayservice)
+    broken["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplicas"] = 2
+    deploy_config = serve_deploy_config(broken)
+    _, serve = validated_serve_app(deploy_config)
+    with pytest.raises(AssertionError, match=r"at most 2 replicas, serve\.autoscaling\.max_replicas is 4"):
+        check_serving_cluster_spec(
+            broken["spec"]["rayClusterConfig"], serve, deploy_config["http_options"]["port"]
+        )
+
+
+# --- KubeRay: runtime environments ----------------------------------------------------------
+
+# Where each KubeRay manifest that runs llava-ray code keeps its runtime_env.
+KUBERAY_RUNTIME_ENVS = {
+    "rayjob.yaml": lambda m: yaml.safe_load(m["spec"]["runtimeEnvYAML"]),
+    "rayservice.yaml": lambda m: serve_deploy_config(m)["applications"][0]["runtime_env"],
+}
+
+
+@pytest.mark.parametrize("file", sorted(KUBERAY_RUNTIME_ENVS))
+def test_kuberay_runtime_env_is_runtime_env_yaml_with_a_remote_working_dir(
+    file: str, runtime_env: dict[str, Any]
+) -> None:
+    env = KUBERAY_RUNTIME_ENVS[file](load_yaml(KUBERAY / file))
+    RuntimeEnv(**env)  # Ray's own field validation
+    assert re.match(r"^(https|s3)://.+\.zip$", env["working_dir"]), env["working_dir"]
     local_only = {"working_dir", "excludes"}  # excludes apply to local uploads only
-    assert {k: v for k, v in job_env.items() if k not in local_only} == {
+    assert {k: v for k, v in env.items() if k not in local_only} == {
         k: v for k, v in runtime_env.items() if k not in local_only
     }
 
