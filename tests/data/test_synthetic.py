@@ -7,6 +7,7 @@ the connected non-grey components, a shape is told by how much of its bounding b
 from __future__ import annotations
 
 import json
+import random
 import re
 from collections import Counter
 from pathlib import Path
@@ -16,11 +17,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from llava_ray.config.schema import ModelConfig
+from llava_ray.conversation.tokenizer import load_tokenizer
 from llava_ray.data.synthetic import (
     COLORS,
     QUESTION_TYPES,
     SHAPES,
     SHORT_ANSWER_SUFFIX,
+    Label,
+    _question_conversation,
     corpus_texts,
     generate,
     normalize_answer,
@@ -123,7 +128,9 @@ def question_type(question: str) -> str:
     for keyword, kind in (
         ("color", "color"),
         ("how many", "count"),
+        ("number", "count"),
         ("where", "position"),
+        ("position", "position"),
         ("shape", "shape"),
     ):
         if keyword in question:
@@ -137,6 +144,14 @@ def samples_of(root: Path) -> dict[str, list[dict[str, Any]]]:
 
 def words(text: str) -> set[str]:
     return set(re.findall(r"\w+|[^\w\s]", text.replace("<image>", "")))
+
+
+def style(question: str) -> str:
+    """How a question is asked: with the short-answer suffix, plainly, or conversationally."""
+    question = question.replace("<image>\n", "").replace("\n<image>", "")
+    if question.endswith(SHORT_ANSWER_SUFFIX):
+        return "short_answer"
+    return "conversational" if question.startswith(("And ", "What about ")) else "plain"
 
 
 def test_layout_and_manifest(dataset: Path) -> None:
@@ -204,16 +219,23 @@ def test_samples_follow_llava_format(dataset: Path) -> None:
     assert set(first_types) == set(QUESTION_TYPES)  # asked in random order
     at_end = sum(sample["conversations"][0]["value"].endswith("\n<image>") for sample in image_samples)
     assert 0.05 <= at_end / len(image_samples) <= 0.15
+    later_styles: Counter[str] = Counter()
     for sample in stage2:
         questions = [turn["value"] for turn in sample["conversations"][::2]]
-        assert all(question.replace("\n<image>", "").endswith(SHORT_ANSWER_SUFFIX) for question in questions)
+        assert style(questions[0]) == "short_answer", sample["id"]
         if "image" in sample:  # distinct question types per conversation
             kinds = [question_type(question) for question in questions]
             assert len(kinds) == len(set(kinds)), sample["id"]
+            later_styles.update(style(question) for question in questions[1:])
+        else:  # arithmetic keeps the suffix on every turn
+            assert all(style(question) == "short_answer" for question in questions), sample["id"]
+    # Later turns in every style, none rare: about a third each.
+    shares = {name: count / later_styles.total() for name, count in later_styles.items()}
+    assert set(shares) == {"short_answer", "plain", "conversational"} and min(shares.values()) >= 0.2, shares
 
 
-def test_eval_items_use_one_canonical_phrasing_per_type(dataset: Path) -> None:
-    items = load(dataset, "eval.json")
+def test_eval_first_turn_items_use_one_canonical_phrasing_per_type(dataset: Path) -> None:
+    items = [item for item in load(dataset, "eval.json") if len(item["conversations"]) == 2]
     manifest = load(dataset, "manifest.json")
     phrasings: dict[str, set[str]] = {}
     for item in items:
@@ -231,6 +253,55 @@ def test_eval_items_use_one_canonical_phrasing_per_type(dataset: Path) -> None:
         "count": 1,
         "position": 1,
     }
+    # Every applicable question type of every held-out image, asked first.
+    objects = manifest["objects"]
+    asked = Counter(item["image"] for item in items)
+    assert asked == {
+        f"images/eval_{i:06d}.png": 4 if objects[f"eval-{i:06d}"]["count"] == 1 else 3
+        for i in range(SAMPLES // 5)
+    }
+
+
+def test_eval_follow_up_items_come_after_answered_turns(dataset: Path) -> None:
+    """One per image: earlier questions with their correct answers, then a naturally asked new question."""
+    items = load(dataset, "eval.json")
+    objects = load(dataset, "manifest.json")["objects"]
+    follow_ups = [item for item in items if len(item["conversations"]) > 2]
+    assert [item["image"] for item in follow_ups] == [f"images/eval_{i:06d}.png" for i in range(SAMPLES // 5)]
+    earlier_counts, scored_styles, scored_types = Counter(), Counter(), Counter()
+    for item in follow_ups:
+        turns = item["conversations"]
+        truth = objects[Path(item["image"]).stem.replace("_", "-")]
+        assert item["id"] == f"{Path(item['image']).stem.replace('_', '-')}-follow-up-{item['question_type']}"
+        assert turns[-1]["value"] == item["answer"] == str(truth[item["question_type"]]), item["id"]
+        questions, answers = turns[::2], turns[1::2]
+        kinds = [question_type(question["value"]) for question in questions]
+        assert kinds[-1] == item["question_type"] and len(set(kinds)) == len(kinds), item["id"]
+        # The earlier turns hold the correct answers, as the model would have given them.
+        assert [answer["value"] for answer in answers] == [str(truth[kind]) for kind in kinds], item["id"]
+        assert style(questions[0]["value"]) == "short_answer", item["id"]
+        assert all(style(question["value"]) != "short_answer" for question in questions[1:]), item["id"]
+        earlier_counts[len(questions) - 1] += 1
+        scored_styles[style(questions[-1]["value"])] += 1
+        scored_types[item["question_type"]] += 1
+    assert set(earlier_counts) >= {1, 2} and set(scored_styles) == {"plain", "conversational"}
+    assert set(scored_types) == set(QUESTION_TYPES)
+    # Follow-ups are scored separately: the id tells them from first turns, and none repeats.
+    assert len({item["id"] for item in items}) == len(items)
+
+
+def test_follow_up_turns_do_not_change_first_turns_or_the_tokenizer_corpus() -> None:
+    """Later turns are restyled from their own stream: the rest of the data and the corpus stay as they were."""
+    label = Label("circle", "red", 1, "top left")
+    plain = _question_conversation(random.Random(5), label, placeholder_at_end=False)
+    restyled = _question_conversation(random.Random(5), label, False, follow_up_rng=random.Random(1))
+    assert plain[0] == restyled[0] and plain[1::2] == restyled[1::2]  # first question, all answers
+    assert [question_type(t["value"]) for t in plain[::2]] == [
+        question_type(t["value"]) for t in restyled[::2]
+    ]
+    assert all(style(turn["value"]) == "short_answer" for turn in plain[::2])
+    assert any(style(turn["value"]) != "short_answer" for turn in restyled[2::2])
+    assert not any(style(text) == "conversational" for text in corpus_texts())
 
 
 def test_images_are_square_and_vary_in_size(dataset: Path) -> None:
@@ -299,6 +370,9 @@ def test_eval_answers_match_pixels(dataset: Path) -> None:
         if item["image"] not in seen:
             seen[item["image"]] = read_image(dataset / item["image"])
         assert seen[item["image"]][item["question_type"]] == item["answer"], item["id"]
+        turns = item["conversations"]
+        for question, answer in zip(turns[::2], turns[1::2], strict=True):
+            assert seen[item["image"]][question_type(question["value"])] == answer["value"], item["id"]
     # Position is asked exactly when one object is shown.
     asked = {item["image"] for item in load(dataset, "eval.json") if item["question_type"] == "position"}
     assert asked == {image for image, truth in seen.items() if truth["count"] == "1"}
@@ -371,17 +445,26 @@ def test_arithmetic_answers_are_correct(dataset: Path) -> None:
             assert expected >= 0 and answer["value"] == str(expected), sample["id"]
 
 
-def test_corpus_covers_every_generated_word(dataset: Path) -> None:
+def test_corpus_covers_every_generated_word_but_the_follow_up_phrasings(dataset: Path) -> None:
     corpus = set().union(*(words(text) for text in corpus_texts()))
     assert "<image>" not in " ".join(corpus_texts())
-    generated = set()
+    generated, follow_up_texts = set(), set()
     for samples in samples_of(dataset).values():
         for sample in samples:
-            for turn in sample["conversations"]:
+            for index, turn in enumerate(sample["conversations"]):
                 generated |= words(turn["value"])
+                if index and turn["from"] == "human":
+                    follow_up_texts.add(turn["value"])
     for caption in load(dataset, "coco/captions.json")["annotations"]:
         generated |= words(caption["caption"])
-    assert generated - corpus == set()
+    # Only conversational follow-ups bring new words (the corpus is frozen with the shipped tokenizer).
+    new_words = generated - corpus
+    conversational = [text for text in follow_up_texts if style(text) == "conversational"]
+    assert new_words and new_words <= set().union(*(words(text) for text in conversational))
+    tokenizer = load_tokenizer(ModelConfig(preset="tiny"))
+    for text in sorted(follow_up_texts):
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        assert tokenizer.unk_token_id not in ids and tokenizer.decode(ids) == text
     assert corpus_texts(seed=1) == corpus_texts(seed=1) and corpus_texts(seed=1) != corpus_texts(seed=2)
 
 

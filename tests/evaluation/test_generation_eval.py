@@ -93,9 +93,12 @@ def test_duplicate_ids_are_refused(items, settings, predictor):
 # ---- scoring -------------------------------------------------------------------------------------
 
 
-def question(item_id: str, question_type: str, answer: str, choices: list[str]) -> EvalItem:
+def question(item_id: str, question_type: str, answer: str, choices: list[str], earlier: int = 0) -> EvalItem:
+    """An item asking ``question_type``, after ``earlier`` answered turns (a follow-up when any)."""
     fields = {"question_type": question_type, "answer": answer, "choices": choices}
-    return EvalItem(item_id, [{"from": "human", "value": f"<image>\n{question_type}?"}], "x.png", fields)
+    turns = [{"from": "human", "value": "<image>\nshape?"}, {"from": "gpt", "value": "circle"}] * earlier
+    turns.append({"from": "human", "value": f"{question_type}?" if earlier else f"<image>\n{question_type}?"})
+    return EvalItem(item_id, turns, "x.png", fields)
 
 
 def test_synthetic_scoring_by_hand():
@@ -103,9 +106,9 @@ def test_synthetic_scoring_by_hand():
     counts = ["1", "2", "3", "4"]
     items = [
         question("a", "color", "red", colors),
-        question("b", "color", "blue", colors),
+        question("b", "color", "blue", colors, earlier=1),
         question("c", "color", "green", colors),
-        question("d", "count", "2", counts),
+        question("d", "count", "2", counts, earlier=2),
         question("e", "count", "3", counts),
         question("f", "count", "4", counts),
     ]
@@ -133,11 +136,38 @@ def test_synthetic_scoring_by_hand():
         "chance": 0.25,
         "not_in_choices": 1,
     }
+    # First turns a, c, f (e failed); follow-ups b (after one turn) and d (after two).
+    assert by_type["first_turn"] == {
+        "count": 3,
+        "correct": 1,
+        "accuracy": 1 / 3,
+        "chance": pytest.approx((2 / 6 + 1 / 4) / 3),
+        "not_in_choices": 1,
+    }
+    assert by_type["follow_up"] == {
+        "count": 2,
+        "correct": 1,
+        "accuracy": 0.5,
+        "chance": pytest.approx((1 / 6 + 1 / 4) / 2),
+        "not_in_choices": 1,
+    }
     assert by_type["overall"]["accuracy"] == 2 / 5
     assert by_type["overall"]["chance"] == pytest.approx((3 / 6 + 2 / 4) / 5)
-    assert summary["metrics"]["accuracy/color"] == 1 / 3 and summary["metrics"]["chance/count"] == 0.25
+    assert list(by_type) == ["color", "count", "first_turn", "follow_up", "overall"]
+    metrics = summary["metrics"]
+    assert metrics["accuracy/color"] == 1 / 3 and metrics["chance/count"] == 0.25
+    assert metrics["accuracy/first_turn"] == 1 / 3 and metrics["accuracy/follow_up"] == 0.5
     assert [row.get("correct") for row in rows] == [True, False, False, True, None, False]
+    assert [row["turn"] for row in rows] == [1, 2, 1, 3, 1, 1]
     assert rows[4]["error"] == "image_missing" and rows[1]["in_choices"] is False
+
+
+def test_synthetic_scoring_without_follow_ups_reports_none_not_zero():
+    _, summary = score([question("a", "color", "red", ["red", "blue"])], {"a": Outcome("red")})
+    assert summary["by_type"]["follow_up"]["count"] == 0
+    assert (
+        summary["metrics"]["accuracy/follow_up"] is None and summary["metrics"]["accuracy/first_turn"] == 1.0
+    )
 
 
 # ---- the whole job -------------------------------------------------------------------------------
@@ -161,14 +191,21 @@ def test_synthetic_benchmark_end_to_end_with_mlflow(trained_model_dir, synthetic
     eval_items = json.loads((synthetic_eval_dir / "eval.json").read_text())
     assert len(rows) == len(eval_items) == summary["counts"]["items"] == summary["counts"]["answered"]
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["metrics"] == summary["metrics"]
-    for question_type, table in summary["by_type"].items():
-        typed = [row for row in rows if question_type in ("overall", row["type"])]
-        assert table["count"] == len(typed)
+
+    def in_group(name: str, row: dict) -> bool:
+        groups = {"overall": True, "first_turn": row["turn"] == 1, "follow_up": row["turn"] > 1}
+        return groups.get(name, row["type"] == name)
+
+    choices = {item["question_type"]: len(item["choices"]) for item in eval_items}
+    for name, table in summary["by_type"].items():
+        typed = [row for row in rows if in_group(name, row)]
+        assert typed and table["count"] == len(typed), name
         assert table["accuracy"] == sum(row["correct"] for row in typed) / len(typed)
-        choices = {item["question_type"]: len(item["choices"]) for item in eval_items}
-        if question_type != "overall":
-            assert table["chance"] == pytest.approx(1 / choices[question_type])
-    assert {"id", "question", "prediction", "answer", "correct", "type", "in_choices"} <= set(rows[0])
+        if name in choices:
+            assert table["chance"] == pytest.approx(1 / choices[name])
+    # eval.json holds one follow-up per held-out image, scored after one or more answered turns.
+    assert summary["by_type"]["follow_up"]["count"] == 4 and all(row["turn"] >= 1 for row in rows)
+    assert {"id", "question", "prediction", "answer", "correct", "type", "in_choices", "turn"} <= set(rows[0])
     # Overfit on these very questions: far above guessing.
     assert summary["metrics"]["accuracy"] > 2 * summary["metrics"]["chance"]
 

@@ -19,14 +19,28 @@ def test_demo_runs_the_pipeline_and_tracks_a_parent_with_children(tmp_path, ray_
     )
     written = json.loads((tmp_path / "summary.json").read_text())
     assert written == summary
-    for key in ("eval_accuracy", "eval_chance", "eval_accuracy_before_stage2", "elapsed_s"):
+    for key in (
+        "eval_accuracy",
+        "eval_chance",
+        "eval_accuracy_before_stage2",
+        "eval_accuracy_first_turn",
+        "eval_accuracy_follow_up",
+        "elapsed_s",
+    ):
         assert isinstance(summary[key], float), key
     assert summary["eval_chance"] <= 0.25 and set(summary["eval_by_type"]) >= {
         "color",
         "shape",
         "count",
+        "first_turn",
+        "follow_up",
         "overall",
     }
+    # First turns and follow-ups are scored apart: each is its own group of the held-out items.
+    by_type = summary["eval_by_type"]
+    assert summary["eval_accuracy_follow_up"] == by_type["follow_up"]["accuracy"]
+    assert summary["eval_accuracy_first_turn"] == by_type["first_turn"]["accuracy"]
+    assert isinstance(by_type["follow_up"]["before_stage2"], float)
     for stage in ("pretrain", "finetune"):
         assert {"loss_first", "loss_last", "seconds"} <= set(summary["stages"][stage])
     assert (tmp_path / "runs").exists() and any((tmp_path / "runs").glob("*/final/hf/config.json"))

@@ -3,10 +3,17 @@
 The demo and every test train and evaluate on this data instead of downloading COCO. Each image
 holds one to four objects of one shape and one colour, each object in its own quadrant of the
 canvas; questions ask for the colour, the shape, the count, or (for a single object) its quadrant,
-in fixed phrasings with one-word answers. That is easy enough for the tiny preset (a random frozen
-2-layer ViT seeing 4x4 patches, a 4-layer width-128 Llama) to reach >= 0.9 held-out exact-match
-accuracy, where guessing scores at most 0.25, so a working pipeline and a broken one are told apart
-in minutes on a CPU.
+in a few fixed phrasings with one-word answers. That is easy enough for the tiny preset (a random
+frozen 2-layer ViT seeing 4x4 patches, a 4-layer width-128 Llama) to reach >= 0.9 held-out
+exact-match accuracy, where guessing scores at most 0.25, so a working pipeline and a broken one
+are told apart in minutes on a CPU.
+
+Stage-2 conversations ask every question that applies, one per turn. The first turn carries
+LLaVA-1.5's short-answer suffix; later turns are asked in a mix of styles (with the suffix, plainly,
+or conversationally: "And how many shapes are there?"), since a model that has only seen the
+suffixed form answers a plainly asked follow-up with the previous turn's answer. ``eval.json``
+scores both: first-turn items, and one follow-up item per image whose earlier turns (questions and
+correct answers) come first.
 
 Run it with ``llava-ray synth --out data/synthetic --samples 200``; :func:`generate` writes::
 
@@ -14,7 +21,9 @@ Run it with ``llava-ray synth --out data/synthetic --samples 200``; :func:`gener
     images/eval_000000.png ...     held-out images
     stage1.json                    caption samples, LLaVA's JSON list format (pretraining)
     stage2.json                    every question that applies per image, plus ~10% text-only arithmetic
-    eval.json                      one item per (held-out image, question type), canonical phrasing
+    eval.json                      per held-out image: one first-turn item per question type (canonical
+                                   phrasing) and one follow-up item (earlier turns answered, then a
+                                   natural question)
     coco/instances.json            COCO 2017 instances (boxes) for the training images
     coco/captions.json             COCO 2017 captions, five per training image
     manifest.json                  seed, sizes, file names, answer choices and ground truth
@@ -83,6 +92,25 @@ _QUESTIONS: dict[str, tuple[str, ...]] = {
 _SINGULAR_QUESTIONS: dict[str, tuple[str, ...]] = {
     "color": ("What color is the shape?", "What is the color of the shape?"),
 }
+# Later turns only: a follow-up as a person asks it in a chat, still naming what it asks about.
+_CONVERSATIONAL_QUESTIONS: dict[str, tuple[str, ...]] = {
+    "color": ("And what color are they?", "What about their color?", "And the color?"),
+    "shape": ("And what shape are they?", "What about their shape?", "And the shape?"),
+    "count": (
+        "And how many shapes are there?",
+        "And how many are there?",
+        "What about the number of shapes?",
+    ),
+    "position": ("And where is it?", "What about its position?", "And where is the shape?"),
+}
+_SINGULAR_CONVERSATIONAL_QUESTIONS: dict[str, tuple[str, ...]] = {
+    "color": ("And what color is it?", "What about its color?", "And the color?"),
+    "shape": ("And what shape is it?", "What about its shape?", "And the shape?"),
+}
+# How later stage-2 turns are asked, with relative weights: with the short-answer suffix (as every
+# first turn is), as the plain question, or conversationally. Trained on the suffixed form alone, the
+# model answered a plainly asked follow-up ("How many shapes are there?") with the previous answer.
+_FOLLOW_UP_STYLES: dict[str, float] = {"short_answer": 1.0, "plain": 1.0, "conversational": 1.0}
 _CAPTION_INSTRUCTIONS = (
     "Describe the image briefly.",
     "Give a short caption of the image.",
@@ -150,6 +178,8 @@ def generate(
             _render(scene).save(out / _image_path(split, index), format="PNG")
 
     text_rng = random.Random(f"{seed}:text")
+    # Its own stream: the first turns, question orders and arithmetic stay those of text_rng.
+    follow_up_rng = random.Random(f"{seed}:follow_up")
     placeholder_at_end = set(text_rng.sample(range(samples), round(samples * _PLACEHOLDER_AT_END_FRACTION)))
     stage1 = [
         {
@@ -163,7 +193,9 @@ def generate(
         {
             "id": _image_id("train", index),
             "image": _image_path("train", index),
-            "conversations": _question_conversation(text_rng, scene.label, index in placeholder_at_end),
+            "conversations": _question_conversation(
+                text_rng, scene.label, index in placeholder_at_end, follow_up_rng
+            ),
         }
         for index, scene in enumerate(train)
     ]
@@ -199,7 +231,7 @@ def generate(
     for name, content in (
         ("stage1", stage1),
         ("stage2", stage2),
-        ("eval", _eval_items(held_out)),
+        ("eval", _eval_items(held_out, random.Random(f"{seed}:eval_follow_up"))),
         ("coco_instances", instances),
         ("coco_captions", captions),
     ):
@@ -209,12 +241,15 @@ def generate(
 
 
 def corpus_texts(seed: int = 0, samples: int = 400) -> list[str]:
-    """Every text the generator can emit, without writing images: the tiny tokenizer's training corpus.
+    """The tiny tokenizer's training corpus: the texts the generator emits, without writing images.
 
-    All phrasings, answers, captions and arithmetic problems are enumerated exhaustively, so no
-    generated word is unseen; ``samples`` sampled conversations follow so that frequent phrases
-    weigh as they do in the data. The ``<image>`` placeholder is left out: tokenizers add it as a
-    special token.
+    All first-turn phrasings, answers, captions and arithmetic problems are enumerated exhaustively;
+    ``samples`` sampled conversations follow so that frequent phrases weigh as they do in the data.
+    The ``<image>`` placeholder is left out: tokenizers add it as a special token. Later turns appear
+    here as they were when the shipped tokenizer was trained (all with the short-answer suffix), and
+    the follow-up phrasings are left out: adding them would retrain the tokenizer and move its ids
+    (see ``TINY_TOKENIZER_EXTRA_TEXTS``). Their few new words are split into smaller pieces, which
+    byte-level BPE always can.
     """
     texts = [*_CAPTION_INSTRUCTIONS]
     texts += [
@@ -346,6 +381,27 @@ def _question_phrasings(question_type: str, label: Label) -> tuple[str, ...]:
     return _QUESTIONS[question_type]
 
 
+def _conversational_phrasings(question_type: str, label: Label) -> tuple[str, ...]:
+    if label.count == 1 and question_type in _SINGULAR_CONVERSATIONAL_QUESTIONS:
+        return _SINGULAR_CONVERSATIONAL_QUESTIONS[question_type]
+    return _CONVERSATIONAL_QUESTIONS[question_type]
+
+
+def _natural_phrasings(question_type: str, label: Label) -> tuple[str, ...]:
+    """A later turn as a person asks it: the plain questions and the conversational ones, no suffix."""
+    return (*_question_phrasings(question_type, label), *_conversational_phrasings(question_type, label))
+
+
+def _follow_up_question(rng: random.Random, question_type: str, label: Label, phrasing: str) -> str:
+    """A later turn asking ``phrasing``'s question in one of the :data:`_FOLLOW_UP_STYLES`."""
+    (style,) = rng.choices(tuple(_FOLLOW_UP_STYLES), weights=tuple(_FOLLOW_UP_STYLES.values()))
+    if style == "short_answer":
+        return phrasing + SHORT_ANSWER_SUFFIX
+    if style == "plain":
+        return phrasing
+    return rng.choice(_conversational_phrasings(question_type, label))
+
+
 def _question_types(label: Label) -> tuple[str, ...]:
     return tuple(kind for kind in QUESTION_TYPES if kind != "position" or label.position is not None)
 
@@ -397,15 +453,27 @@ def _caption_conversation(rng: random.Random, label: Label) -> list[dict[str, st
 
 
 def _question_conversation(
-    rng: random.Random, label: Label, placeholder_at_end: bool
+    rng: random.Random,
+    label: Label,
+    placeholder_at_end: bool,
+    follow_up_rng: random.Random | None = None,
 ) -> list[dict[str, str]]:
-    # Every question that applies, in random order: each image forward pass teaches all it can.
+    """Every question that applies, in random order: each image forward pass teaches all it can.
+
+    ``follow_up_rng`` restyles the later turns (:func:`_follow_up_question`); without it every turn
+    carries the short-answer suffix, as in the tokenizer's corpus. ``rng`` is drawn from alike
+    either way.
+    """
     chosen = list(_question_types(label))
     rng.shuffle(chosen)
-    turns = [
-        (rng.choice(_question_phrasings(kind, label)) + SHORT_ANSWER_SUFFIX, _answer(kind, label))
-        for kind in chosen
-    ]
+    turns = []
+    for index, kind in enumerate(chosen):
+        phrasing = rng.choice(_question_phrasings(kind, label))
+        if index and follow_up_rng is not None:
+            question = _follow_up_question(follow_up_rng, kind, label, phrasing)
+        else:
+            question = phrasing + SHORT_ANSWER_SUFFIX
+        turns.append((question, _answer(kind, label)))
     return _conversation(turns, "end" if placeholder_at_end else "start")
 
 
@@ -414,23 +482,48 @@ def _arithmetic_conversation(rng: random.Random) -> list[dict[str, str]]:
     return _conversation([(question + SHORT_ANSWER_SUFFIX, answer) for question, answer in problems], None)
 
 
-def _eval_items(scenes: list[Scene]) -> list[dict[str, Any]]:
+def _eval_items(scenes: list[Scene], rng: random.Random) -> list[dict[str, Any]]:
+    """Per image: a first-turn item per question type, then one follow-up item (:func:`_follow_up_turns`)."""
     items = []
     for index, scene in enumerate(scenes):
-        for kind in _question_types(scene.label):
-            question = _question_phrasings(kind, scene.label)[0] + SHORT_ANSWER_SUFFIX
-            answer = _answer(kind, scene.label)
+        label = scene.label
+        first_turns = [
+            (kind, [(_canonical_question(kind, label), _answer(kind, label))])
+            for kind in _question_types(label)
+        ]
+        for kind, turns in [*first_turns, _follow_up_turns(rng, label)]:
+            follow_up = "-follow-up" if len(turns) > 1 else ""
             items.append(
                 {
-                    "id": f"{_image_id('eval', index)}-{kind}",
+                    "id": f"{_image_id('eval', index)}{follow_up}-{kind}",
                     "image": _image_path("eval", index),
-                    "conversations": _conversation([(question, answer)], "start"),
+                    "conversations": _conversation(turns, "start"),
                     "question_type": kind,
-                    "answer": answer,
+                    "answer": _answer(kind, label),
                     "choices": list(CHOICES[kind]),
                 }
             )
     return items
+
+
+def _canonical_question(question_type: str, label: Label) -> str:
+    return _question_phrasings(question_type, label)[0] + SHORT_ANSWER_SUFFIX
+
+
+def _follow_up_turns(rng: random.Random, label: Label) -> tuple[str, list[tuple[str, str]]]:
+    """``(scored type, turns)``: one or more questions with their correct answers, the scored one last.
+
+    The first turn is asked canonically, as in the first-turn items; the later ones, the scored one
+    included, in a natural phrasing (plain or conversational, no suffix), as people ask in a chat.
+    """
+    order = list(_question_types(label))
+    rng.shuffle(order)
+    scored = rng.randint(1, len(order) - 1)  # its index: 1 to 3 earlier turns
+    turns = [(_canonical_question(order[0], label), _answer(order[0], label))]
+    turns += [
+        (rng.choice(_natural_phrasings(kind, label)), _answer(kind, label)) for kind in order[1 : scored + 1]
+    ]
+    return order[scored], turns
 
 
 def _coco_annotations(scenes: list[Scene]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -3,7 +3,9 @@
 ``llava-ray demo`` (what ``make demo`` runs) goes through the same code paths as a cluster run,
 at tiny size, on synthetic data: synthetic data -> Ray Data prepare -> stage 1 (Ray Train, 2
 workers, DeepSpeed ZeRO-2) -> stage 2 (ZeRO-2 here; the tiny config and the tests use ZeRO-3) ->
-evaluation -> MLflow (local store) -> Hugging Face export. It ends with a table and ``summary.json`` in the work dir. Rerunning reuses the
+evaluation -> MLflow (local store) -> Hugging Face export. It ends with a table and ``summary.json``
+in the work dir: held-out accuracy per question type, for first turns and follow-ups (a question
+asked after earlier ones in the same conversation) apart, and overall. Rerunning reuses the
 synthetic and prepared data (written anew when asked for another size or seed) and starts new runs.
 """
 
@@ -49,6 +51,9 @@ DEMO_STAGE_OVERRIDES = {
         "deepspeed.zero_stage=2",
     ],
 }
+
+# The accuracy table's rows besides the question types and "overall".
+_ROW_LABELS = {"first_turn": "first turn", "follow_up": "follow-up"}
 
 
 def stage_config(stage: str, workdir: Path, extra: tuple[str, ...] = ()) -> LlavaRayConfig:
@@ -149,6 +154,8 @@ def run_demo(
         "eval_accuracy": after["overall"]["accuracy"],
         "eval_chance": after["overall"]["chance"],
         "eval_accuracy_before_stage2": before["overall"]["accuracy"],
+        "eval_accuracy_first_turn": after["first_turn"]["accuracy"],
+        "eval_accuracy_follow_up": after["follow_up"]["accuracy"],
         "eval_by_type": {
             name: {
                 "accuracy": table["accuracy"],
@@ -189,9 +196,8 @@ def print_summary(summary: dict[str, Any]) -> None:
         logger.info(f"[demo] {name:18s} {stage['seconds']:7.1f}   {loss}")
     logger.info("\n[demo] held-out exact match   after stage 2   before stage 2   chance")
     for name, row in summary["eval_by_type"].items():
-        logger.info(
-            f"[demo] {name:22s} {row['accuracy']:14.3f} {row['before_stage2']:16.3f} {row['chance']:8.3f}"
-        )
+        after, before, chance = (_figure(row[key]) for key in ("accuracy", "before_stage2", "chance"))
+        logger.info(f"[demo] {_ROW_LABELS.get(name, name):22s} {after:>14s} {before:>16s} {chance:>8s}")
     logger.info(f"[demo] total {summary['elapsed_s']} s")
     logger.info("\n[demo] where to look next:")
     logger.info(f"  MLflow UI:      mlflow ui --backend-store-uri {summary['mlflow_uri']}")
@@ -201,3 +207,8 @@ def print_summary(summary: dict[str, Any]) -> None:
     )
     logger.info(f"  chat:           llava-ray chat --model {summary['final_model']}")
     logger.info(f"  summary:        {summary['workdir']}/summary.json")
+
+
+def _figure(value: float | None) -> str:
+    """Three decimals, or "-" for a group without items (an eval.json without follow-ups)."""
+    return "-" if value is None else f"{value:.3f}"
