@@ -2,6 +2,7 @@
 
     python benchmarks/run.py prepare [--samples 2000] [--workers W] [--workdir DIR] [--warmup N]
     python benchmarks/run.py scale [--rows 66500 665000] [--workers 2] [--seconds 20] [--workdir DIR]
+    python benchmarks/run.py serve [--preset tiny] [--requests 32] [--batch 8] [--tokens 32] [--device cpu]
     python benchmarks/run.py train [--preset tiny|llava-7b-stage1|stage2-1b] [--steps N]
                                    [--device cpu|cuda] [--packing on|off] [--grouping sorted|llava]
                                    [--lm-head supervised|full] [--attention segments|varlen]
@@ -11,7 +12,7 @@
     bash benchmarks/gpu_benchmark.sh OUT_DIR      # the GPU checks in one go, on a bare GPU machine
 
 ``prepare`` is described in ``prepare_throughput.py``, ``scale`` in ``scale_rehearsal.py``,
-``train`` in ``train_step.py``. The last
+``serve`` in ``serving_throughput.py``, ``train`` in ``train_step.py``. The last
 line of each is one JSON object with every figure; the figures measured so far, with the commit
 and machine, are in ``benchmarks/README.md``. Benchmarks import ``llava_ray`` (installed, or
 ``PYTHONPATH=platform``); the package never imports them.
@@ -77,6 +78,15 @@ def cmd_scale(args: argparse.Namespace) -> dict[str, Any]:
     return scale_rehearsal.rehearse(args)
 
 
+def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
+    import serving_throughput
+
+    options = serving_throughput.ServeBenchOptions(
+        preset=args.preset, requests=args.requests, batch=args.batch, tokens=args.tokens, device=args.device
+    )
+    return serving_throughput.run_serve_benchmark(options)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Benchmarks of llava-ray stages against bare baselines.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -112,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the pre-streaming design up to this size (it materializes every image in the object store)",
     )
     scale.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per case")
+
+    serve = add("serve", cmd_serve, "serving generation one request at a time vs batched, requests/s")
+    serve.add_argument("--preset", default="tiny", help="model preset, random init (default tiny)")
+    serve.add_argument("--requests", type=int, default=32, help="requests, each with an image (default 32)")
+    serve.add_argument("--batch", type=int, default=8, help="requests per batch in (b) (default 8)")
+    serve.add_argument("--tokens", type=int, default=32, help="max_tokens of every request (default 32)")
+    serve.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
 
     train = add("train", cmd_train, "HF LLaVA padded training vs llava-ray's step, supervised tokens/s")
     train.add_argument(

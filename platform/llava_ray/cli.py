@@ -145,6 +145,23 @@ def cmd_reference_answers(args: argparse.Namespace) -> int:
     return 0 if report["written"] == report["questions"] else 1  # 1: rerun for the missing answers
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import yaml
+
+    from llava_ray.serving.run import run_serve, serve_deploy_config
+
+    overrides = list(args.overrides)
+    for flag, key in ((args.model, "model"), (args.host, "host"), (args.port, "port")):
+        if flag is not None:
+            overrides.append(f"serve.{key}={flag}")
+    config = load_config(args.config, overrides).serve
+    if args.print_config:
+        print(yaml.safe_dump(serve_deploy_config(config), sort_keys=False), end="")
+        return 0
+    run_serve(config)
+    return 0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from llava_ray.data.synthetic import generate
 
@@ -274,7 +291,27 @@ def build_parser() -> argparse.ArgumentParser:
         )
     )
     # `chat` has its own parser (llava_ray.evaluation.chat); listed here for --help.
-    commands.add_parser("chat", help="chat with a model in the terminal: chat --model DIR [--image PATH]")
+    commands.add_parser(
+        "chat", help="chat with a model in the terminal: chat --model DIR [--image PATH] [--system TEXT]"
+    )
+
+    serve_parser = add(
+        "serve",
+        cmd_serve,
+        "serve a model with Ray Serve: OpenAI-compatible /v1/chat/completions and a web chat page",
+    )
+    serve_parser.add_argument("--model", help="model folder or s3:// URL: a run's final/ (or final/hf)")
+    serve_parser.add_argument("--config", help="YAML config with a serve section (default: the defaults)")
+    serve_parser.add_argument("--host", help="HTTP address (default 127.0.0.1; 0.0.0.0 for every interface)")
+    serve_parser.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    serve_parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the Serve config (for `serve deploy` or a RayService's serveConfigV2) and exit",
+    )
+    serve_parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. serve.max_batch_size=16"
+    )
 
     synth = add(
         "synth", cmd_synth, "write the synthetic dataset (images, LLaVA JSON, COCO-style annotations)"

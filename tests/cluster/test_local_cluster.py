@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -333,6 +335,69 @@ def test_submitted_job_with_a_bad_config_fails_with_the_validation_message(head:
     output = result.stdout + result.stderr
     assert "failed" in output.lower()
     assert "train.lerning_rate: unknown key. Did you mean 'learning_rate'?" in output
+
+
+def http_json(url: str, body: dict | None = None) -> tuple[int, dict]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, {}
+
+
+def test_submitted_serve_job_answers_until_it_is_stopped(head: LocalHead, trained_model_dir: Path) -> None:
+    """jobs/serve.py as a Ray job: the app answers the OpenAI API while the job runs, and goes with it."""
+    port = free_ports(1)[0]
+    submitted = subprocess.run(
+        ["ray", "job", "submit", "--no-wait", "--address", head.address, "--working-dir", str(REPO), "--",
+         "python", "jobs/serve.py", "--model", str(trained_model_dir), "--port", str(port),
+         "serve.model_name=tiny-llava", "serve.max_tokens=8"],
+        cwd=REPO, env=head.env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S, check=False,
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = re.search(r"raysubmit_\w+", submitted.stdout + submitted.stderr).group(0)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while True:
+        try:
+            status, models = http_json(f"{base}/v1/models")
+            if status == 200:
+                break
+        except OSError:
+            pass
+        logs = subprocess.run(
+            ["ray", "job", "logs", "--address", head.address, job_id],
+            env=head.env,
+            capture_output=True,
+            text=True,
+        )
+        assert time.monotonic() < deadline, f"the serve job did not answer:\n{logs.stdout[-3000:]}"
+        time.sleep(2)
+    assert [m["id"] for m in models["data"]] == ["tiny-llava"]
+    status, reply = http_json(
+        f"{base}/v1/chat/completions",
+        {"model": "tiny-llava", "messages": [{"role": "user", "content": "What shape?"}], "temperature": 0},
+    )
+    assert status == 200 and reply["choices"][0]["finish_reason"] in ("stop", "length")
+    stopped = subprocess.run(
+        ["ray", "job", "stop", "--address", head.address, job_id],
+        env=head.env,
+        capture_output=True,
+        text=True,
+    )
+    assert stopped.returncode == 0, stopped.stderr
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if http_json(f"{base}/v1/models")[0] == 404:  # Serve's proxy stays; the app is gone
+                break
+        except OSError:
+            break
+        time.sleep(1)
+    else:
+        pytest.fail("the app still answers after `ray job stop`")
 
 
 def test_stop_leaves_nothing_running(head: LocalHead) -> None:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from llava_ray.config.evaluation import EvaluateConfig
 from llava_ray.config.generation import GenerateConfig
 from llava_ray.config.presets import PRESETS
+from llava_ray.config.serve import ServeConfig
 
 PROJECTOR_PATTERN = re.compile(r"^(linear|identity|mlp([1-9][0-9]*)x_gelu)$")
 # The names a config may use. Presets are declared in config.presets; conversation.templates declares one
@@ -347,6 +348,9 @@ class LlavaRayConfig(Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Evaluation and benchmarks.")
     generate: GenerateConfig = Field(
         default_factory=GenerateConfig, description="Instruction-data generation."
+    )
+    serve: ServeConfig = Field(
+        default_factory=ServeConfig, description="Serving a trained model (llava-ray serve)."
     )
 
     @model_validator(mode="before")

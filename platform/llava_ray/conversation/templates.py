@@ -29,6 +29,7 @@ Exact strings (../shared/LLAVA_REFERENCE.md):
 from __future__ import annotations
 
 import bisect
+import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -193,10 +194,12 @@ def check_template_names(declared: Iterable[str], configurable: Iterable[str]) -
 check_template_names(TEMPLATES, TEMPLATE_NAMES)
 
 
-def get_template(name: str) -> Template:
+def get_template(name: str, system: str | None = None) -> Template:
+    """The template called ``name``; ``system`` replaces its default system prompt."""
     if name not in TEMPLATES:
         raise ValueError(f"unknown template {name!r}; choose one of {', '.join([*TEMPLATES, 'tokenizer'])}")
-    return TEMPLATES[name]
+    template = TEMPLATES[name]
+    return template if system is None else dataclasses.replace(template, system=system)
 
 
 @dataclass
@@ -345,19 +348,25 @@ def tokenize_prompt(
     tokenizer: PreTrainedTokenizerBase,
     image_positions: int,
     tokenization: str = "joined",
+    system: str | None = None,
 ) -> list[int]:
-    """Token ids of a generation prompt (turns end with the user's), tokenized exactly as in training."""
+    """Token ids of a generation prompt (turns end with the user's), tokenized exactly as in training.
+
+    ``system`` replaces the template's default system prompt (a chat template gets it as a system message).
+    """
     turns = normalize_turns(conversation, require_answer=False)
     if template_name == "tokenizer":
         _check_chat_template_tokenization(tokenization)
         messages = [{"role": turn.role, "content": turn.text} for turn in turns]
+        if system is not None:
+            messages = [{"role": "system", "content": system}, *messages]
         ids = list(
             tokenizer.apply_chat_template(
                 messages, add_generation_prompt=True, tokenize=True, return_dict=True
             )["input_ids"]
         )
     else:
-        template = get_template(template_name)
+        template = get_template(template_name, system)
         ids, _, _ = _tokenize_spans(
             template.render(turns, generation_prompt=True), tokenizer, template.add_bos, tokenization
         )

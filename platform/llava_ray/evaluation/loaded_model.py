@@ -63,11 +63,16 @@ class InferenceModel:
         """The LM's context length, image positions included (None when the config has none)."""
         return getattr(self.model.language_model.config, "max_position_embeddings", None)
 
-    def prompt_length(self, conversation: Sequence[dict[str, Any]]) -> int:
+    def prompt_length(self, conversation: Sequence[dict[str, Any]], system: str | None = None) -> int:
         """Sequence positions of a generation prompt, each ``<image>`` expanded."""
         model = self.model
         ids = prompt_input_ids(
-            conversation, self.template, self.tokenizer, model.image_positions, model.tokenization
+            conversation,
+            self.template,
+            self.tokenizer,
+            model.image_positions,
+            model.tokenization,
+            system=system,
         )
         return len(ids)
 
@@ -136,6 +141,13 @@ def read_image(location: str) -> bytes:
 
 def load_pixels(location: str, tower: TowerInput, aspect: Aspect = "pad") -> torch.Tensor:
     """The normalised ``(3, S, S)`` input of an image file, as ``prepare`` and ``collate`` make it for training."""
+    return pixels_from_bytes(read_image(location), tower, aspect)
+
+
+def pixels_from_bytes(
+    data: bytes, tower: TowerInput, aspect: Aspect = "pad", max_pixels: int | None = None
+) -> torch.Tensor:
+    """:func:`load_pixels` of an image's bytes; raises :class:`Skipped` (``corrupt_image``, ``image_too_large``, ...)."""
     settings = ImageSettings(tower=tower, aspect=aspect, format="png")
-    image = transform_image(open_image(read_image(location), settings.max_pixels), settings)
+    image = transform_image(open_image(data, max_pixels or settings.max_pixels), settings)
     return torch.from_numpy(normalize_image(image, tower))

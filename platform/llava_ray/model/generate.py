@@ -13,6 +13,7 @@ from transformers import (
     StoppingCriteria,
     StoppingCriteriaList,
 )
+from transformers.generation.streamers import BaseStreamer
 
 from llava_ray.conversation.templates import get_template, tokenize_prompt
 from llava_ray.model.llava import LlavaModel
@@ -47,6 +48,23 @@ class StopOnText(StoppingCriteria):
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
+def visible_answer(text: str, markers: Sequence[str], final: bool) -> str:
+    """The part of generated ``text`` that can be shown while it streams: before any marker, minus an unsure tail.
+
+    Until ``final``, text that may be the beginning of a marker (``</`` of ``</s>``) or half of a
+    multi-byte character (decoded as U+FFFD) is held back until the next token shows what it is.
+    """
+    ends = [text.find(marker) for marker in markers if marker in text]
+    if ends:
+        text = text[: min(ends)]
+    elif not final:
+        hold = max(
+            (k for marker in markers for k in range(1, len(marker)) if text.endswith(marker[:k])), default=0
+        )
+        text = text[: len(text) - hold].rstrip("\ufffd")
+    return text.lstrip()
+
+
 def cut_at_markers(text: str, markers: Sequence[str]) -> str:
     """The answer before the first end marker, without surrounding whitespace."""
     end = min((text.find(marker) for marker in markers if marker in text), default=len(text))
@@ -64,17 +82,22 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     seed: int | None = None,
+    system: str | None = None,
+    streamer: BaseStreamer | None = None,
 ) -> list[str]:
     """Answers to a batch of prompts, each ``(conversation ending with the user's turn, pixels or None)``.
 
     Pixels are ``(3, H, W)`` or ``(images, 3, H, W)``, one image per ``<image>`` of the conversation.
     Rows are left-padded and decoded together with the LM's KV cache; each stops at the template's
-    end marker (or EOS), which is stripped from the answer.
+    end marker (or EOS), which is stripped from the answer. ``system`` replaces the template's system
+    prompt; ``streamer`` gets the new tokens as HF's ``generate`` makes them (the chat's live answer).
     """
     if not prompts:
         return []
     rows = [
-        prompt_input_ids(conversation, template_name, tokenizer, model.image_positions, model.tokenization)
+        prompt_input_ids(
+            conversation, template_name, tokenizer, model.image_positions, model.tokenization, system=system
+        )
         for conversation, _ in prompts
     ]
     device = model.language_model.get_input_embeddings().weight.device
@@ -103,6 +126,7 @@ def generate(
             attention_mask=attention_mask,
             generation_config=generation_config,
             stopping_criteria=StoppingCriteriaList([StopOnText(tokenizer, markers)]),
+            streamer=streamer,
         )
     finally:
         model.train(was_training)
