@@ -37,11 +37,14 @@ browser:
 		echo "installing Chromium (Debian package) for the chat page's browser test"; \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
 
+# Unit tests run in two processes (each single-threaded: both cores busy); integration tests, which start
+# Ray clusters using both cores, run after them in one. Exit status 5 is "no test selected" (PYTEST_ARGS).
 test: install browser
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not integration" -n 2 $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(BIN)/python -m pytest -m integration $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 test-fast: install
-	$(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not integration" -n 2 $(PYTEST_ARGS)
 
 # The layer contract (pyproject's [tool.importlinter]) is checked with the style: a module that imports
 # from a layer above its own fails `make lint` (and tests/test_layers.py in `make test`).

@@ -1,6 +1,25 @@
-"""The embedded demo, at a smaller size: the whole pipeline, its summary, and its MLflow runs."""
+"""The embedded demo, small: installed from its wheel it runs from any directory; its summary, its MLflow
+runs, and a rerun that reuses the prepared data.
+
+The demo runs once from a wheel installed in a fresh virtualenv, started in a directory that is
+neither the repository nor a git checkout: that catches lookups into the repository that only work
+in a checkout (configs found next to the source tree, package data missing from the wheel, a git
+commit read from the package's location). The virtualenv's dependencies come from this environment's
+site-packages (a path in a ``.pth`` file, so nothing is downloaded or reinstalled and this
+environment's editable llava-ray, itself a ``.pth``, is not seen). The rerun then runs in this
+process, on the same work directory. One demo fewer than testing the two apart: about 2 minutes.
+"""
+
+from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow import MlflowClient
@@ -9,15 +28,110 @@ from llava_ray.workflows.demo import run_demo, synthetic_data
 
 pytestmark = pytest.mark.integration
 
+SAMPLES = 16
+OVERRIDES = ("train.max_steps=2", "train.global_batch_size=8", "train.micro_batch_size=4")
+REPO = Path(__file__).resolve().parents[2]
+BUILD_INPUTS = ("pyproject.toml", "README.md", "platform")  # what building the wheel reads
 
-def test_demo_runs_the_pipeline_and_tracks_a_parent_with_children(tmp_path, ray_cluster, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the demo's own store in its work dir
-    summary = run_demo(
-        tmp_path,
-        samples=24,
-        extra=("train.max_steps=3", "train.global_batch_size=8", "train.micro_batch_size=4"),
+
+def run(command: list[str | Path], cwd: Path, timeout: int, env: dict[str, str] | None = None) -> str:
+    result = subprocess.run(
+        [str(part) for part in command],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
-    written = json.loads((tmp_path / "summary.json").read_text())
+    assert result.returncode == 0, (
+        f"{command} exited {result.returncode}:\n{(result.stdout + result.stderr)[-6000:]}"
+    )
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh virtualenv with llava-ray installed from a wheel built from a copy of the sources."""
+    root = tmp_path_factory.mktemp("install")
+    source = root / "source"  # a copy: building writes build/ and egg-info next to the sources
+    source.mkdir()
+    for name in BUILD_INPUTS:
+        origin = REPO / name
+        if origin.is_dir():
+            shutil.copytree(origin, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(origin, source / name)
+    venv = root / "venv"
+    run([sys.executable, "-m", "venv", "--without-pip", venv], root, timeout=120)
+    python = venv / "bin" / "python"
+    site_packages = run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], root, 60)
+    (Path(site_packages.strip()) / "llava_ray_test_dependencies.pth").write_text(
+        sysconfig.get_paths()["purelib"] + "\n"
+    )
+    # No build isolation: the build backend (setuptools) comes from this environment, not an index.
+    run(
+        [
+            python,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--quiet",
+            source,
+        ],
+        root,
+        timeout=600,
+    )
+    return venv
+
+
+@pytest.fixture(scope="module")
+def installed_demo(installed: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """The installed ``llava-ray demo`` run from a directory outside any checkout: (work dir, summary)."""
+    cli = installed / "bin" / "llava-ray"
+    root = tmp_path_factory.mktemp("demo")
+    elsewhere = root / "elsewhere"  # neither the repository nor a git checkout
+    elsewhere.mkdir()
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_", "MLFLOW_"))}
+    env.pop("PYTHONPATH", None)
+    env.pop("LLAVA_RAY_GIT_COMMIT", None)
+    workdir = root / "demo"
+    run(
+        [cli, "demo", "--workdir", workdir, "--samples", str(SAMPLES), *OVERRIDES],
+        elsewhere,
+        timeout=600,
+        env=env,
+    )
+    return workdir, json.loads((workdir / "summary.json").read_text())
+
+
+def test_installed_package_runs_the_demo_from_another_directory(installed, installed_demo, tmp_path):
+    python, cli = installed / "bin" / "python", installed / "bin" / "llava-ray"
+    located = run([python, "-c", "import llava_ray; print(llava_ray.__file__)"], tmp_path, 120)
+    assert Path(located.strip()).is_relative_to(installed), f"llava_ray imported from {located}"
+    assert "--samples" in run([cli, "demo", "--help"], tmp_path, 120)
+    page = "import importlib.resources as r; print(r.files('llava_ray.serving').joinpath('static/chat.html').is_file())"
+    assert run([python, "-c", page], tmp_path, 120).strip() == "True", "the chat page is in the wheel"
+    workdir, summary = installed_demo
+    assert set(summary["stages"]) >= {
+        "prepare-pretrain",
+        "prepare-finetune",
+        "pretrain",
+        "finetune",
+        "evaluate",
+    }
+    assert 0 <= summary["eval_accuracy"] <= 1
+    assert (Path(summary["final_model"]) / "hf" / "config.json").exists()
+    # The commit tag comes from the working directory's checkout: outside one there is none.
+    parent = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").get_run(summary["parent_run_id"])
+    assert "mlflow.source.git.commit" not in parent.data.tags
+
+
+def test_the_demo_summary_and_its_mlflow_runs(installed_demo):
+    workdir, summary = installed_demo
+    written = json.loads((workdir / "summary.json").read_text())
     assert written == summary
     for key in (
         "eval_accuracy",
@@ -43,9 +157,9 @@ def test_demo_runs_the_pipeline_and_tracks_a_parent_with_children(tmp_path, ray_
     assert isinstance(by_type["follow_up"]["before_stage2"], float)
     for stage in ("pretrain", "finetune"):
         assert {"loss_first", "loss_last", "seconds"} <= set(summary["stages"][stage])
-    assert (tmp_path / "runs").exists() and any((tmp_path / "runs").glob("*/final/hf/config.json"))
+    assert (workdir / "runs").exists() and any((workdir / "runs").glob("*/final/hf/config.json"))
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     experiments = [e.experiment_id for e in client.search_experiments()]
     parent = client.get_run(summary["parent_run_id"])
     assert parent.data.tags["llava_ray.job"] == "pipeline" and parent.info.status == "FINISHED"
@@ -54,12 +168,14 @@ def test_demo_runs_the_pipeline_and_tracks_a_parent_with_children(tmp_path, ray_
     assert jobs == ["evaluate", "evaluate", "prepare", "prepare", "train", "train"], jobs
     assert all(child.info.status == "FINISHED" for child in children)
 
-    rerun = run_demo(
-        tmp_path,
-        samples=24,
-        extra=("train.max_steps=3", "train.global_batch_size=8", "train.micro_batch_size=4"),
-    )
+
+def test_a_rerun_reuses_the_prepared_data(installed_demo, ray_cluster, monkeypatch):
+    workdir, summary = installed_demo
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the demo's own store in its work dir
+    rerun = run_demo(workdir, samples=SAMPLES, extra=OVERRIDES)
     assert rerun["parent_run_id"] != summary["parent_run_id"]  # a new run, reusing the prepared data
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    experiments = [e.experiment_id for e in client.search_experiments()]
     reused = client.search_runs(experiments, f"tags.mlflow.parentRunId = '{rerun['parent_run_id']}'")
     assert {
         r.data.tags.get("llava_ray.reused_prepared_data")
