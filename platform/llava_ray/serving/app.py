@@ -143,7 +143,7 @@ class LlavaServer:
         }
 
     @api.get("/v1/models")
-    async def models(self, request: Request) -> dict[str, Any]:
+    async def models(self) -> dict[str, Any]:
         return {
             "object": "list",
             "data": [{"id": self.name, "object": "model", "created": 0, "owned_by": "llava-ray"}],

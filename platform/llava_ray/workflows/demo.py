@@ -206,6 +206,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"  exported model: {summary['final_model']}/hf  (transformers' LlavaForConditionalGeneration)"
     )
     logger.info(f"  chat:           llava-ray chat --model {summary['final_model']}")
+    logger.info(f"  serve:          llava-ray serve --model {summary['final_model']}  (web chat, OpenAI API)")
     logger.info(f"  summary:        {summary['workdir']}/summary.json")
 
 
