@@ -1,11 +1,12 @@
 """Start the serving application on a Ray cluster and keep it up while the command (or Ray job) runs.
 
-``llava-ray serve --model RUN/final`` and ``jobs/serve.py`` call :func:`run_serve`: it checks the
-``serve`` settings (every problem at once, before Ray starts), connects to the cluster (``RAY_ADDRESS``
-or a new local one), starts Serve's HTTP proxy on ``serve.host:serve.port``, deploys the app under
-``serve.app_name`` and, when blocking, waits for Ctrl-C or SIGTERM (``ray job stop``) to delete it:
-the app lives as long as its command. On Kubernetes a RayService deploys :func:`build_app` instead
-(``cluster/kuberay/rayservice.yaml``).
+``llava-ray serve --model RUN/final`` and ``jobs/serve.py`` call :func:`run_serve`. It checks the
+``serve`` settings (every problem at once, before Ray starts), connects to the cluster named by
+``RAY_ADDRESS`` (set inside a Ray job) or starts a local Ray, starts Serve's HTTP proxy on
+``serve.host:serve.port`` and deploys the app under ``serve.app_name``. Blocking, it then waits for
+Ctrl-C or SIGTERM (``ray job stop``): on a cluster it deletes the app, and a local Ray ends with the
+process, so the app lives as long as its command. On Kubernetes a RayService deploys
+:func:`build_app` instead (``cluster/kuberay/rayservice.yaml``).
 
 ``serve.backend: vllm`` deploys Ray's ``ray.serve.llm`` OpenAI app (vLLM) on the Hugging Face export
 instead: :func:`vllm_llm_config` builds its ``LLMConfig`` from the same section.
@@ -14,6 +15,7 @@ instead: :func:`vllm_llm_config` builds its ``LLMConfig`` from the same section.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from typing import Any
@@ -115,8 +117,9 @@ def _application(config: ServeConfig) -> serve.Application:
 def run_serve(config: ServeConfig, block: bool = True) -> str:
     """Deploy the app (see the module docstring); returns its base URL. Raises ConfigError on bad settings."""
     serve_deploy_config(config)  # every problem, before Ray starts
+    on_a_cluster = bool(os.environ.get("RAY_ADDRESS"))  # a Ray job, or a cluster named by the user
     if not ray.is_initialized():
-        ray.init()
+        ray.init(address=None if on_a_cluster else "local")
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(_application(config), name=config.app_name, route_prefix=config.route_prefix, blocking=False)
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
@@ -131,7 +134,9 @@ def run_serve(config: ServeConfig, block: bool = True) -> str:
     )
     if block:
         _wait_for_stop()
-        serve.delete(config.app_name)
+        if on_a_cluster:  # the cluster outlives this process: take the app down with it
+            serve.delete(config.app_name)
+        # A local instance ends with this process (and Ctrl-C has already reached its processes).
         logger.info("stopped %r", config.app_name)
     return url
 
