@@ -63,16 +63,11 @@ class InferenceModel:
         """The LM's context length, image positions included (None when the config has none)."""
         return getattr(self.model.language_model.config, "max_position_embeddings", None)
 
-    def prompt_length(self, conversation: Sequence[dict[str, Any]], system: str | None = None) -> int:
+    def prompt_length(self, conversation: Sequence[dict[str, Any]]) -> int:
         """Sequence positions of a generation prompt, each ``<image>`` expanded."""
         model = self.model
         ids = prompt_input_ids(
-            conversation,
-            self.template,
-            self.tokenizer,
-            model.image_positions,
-            model.tokenization,
-            system=system,
+            conversation, self.template, self.tokenizer, model.image_positions, model.tokenization
         )
         return len(ids)
 

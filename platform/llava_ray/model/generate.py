@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from transformers import (
     GenerationConfig,
+    LogitsProcessorList,
     PreTrainedTokenizerBase,
     StoppingCriteria,
     StoppingCriteriaList,
@@ -100,38 +101,70 @@ def generate(
         )
         for conversation, _ in prompts
     ]
-    device = model.language_model.get_input_embeddings().weight.device
-    input_ids, attention_mask = left_pad(rows, tokenizer.pad_token_id, device)
-    pixel_values = batch_pixels([pixels for _, pixels in prompts], device)
     markers = end_markers(template_name, tokenizer)
-    generation_config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        temperature=temperature if do_sample else None,
-        top_p=top_p if do_sample else None,
-        top_k=None,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        use_cache=True,
-    )
     if seed is not None:
         torch.manual_seed(seed)
     was_training = model.training
     model.eval()
     try:
-        embeds = model.embed_inputs(input_ids, pixel_values)
-        # From inputs_embeds alone a decoder-only LM returns only the new tokens.
-        new_tokens = model.language_model.generate(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            generation_config=generation_config,
-            stopping_criteria=StoppingCriteriaList([StopOnText(tokenizer, markers)]),
+        new_tokens = decode(
+            model,
+            tokenizer,
+            rows,
+            [pixels for _, pixels in prompts],
+            max_new_tokens,
+            markers,
+            do_sample=do_sample,
+            temperature=temperature if do_sample else None,
+            top_p=top_p if do_sample else None,
+            top_k=None,
             streamer=streamer,
         )
     finally:
         model.train(was_training)
     texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=False)
     return [cut_at_markers(text, markers) for text in texts]
+
+
+def decode(
+    model: LlavaModel,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: Sequence[Sequence[int]],
+    pixels: Sequence[torch.Tensor | None],
+    max_new_tokens: int,
+    markers: Sequence[str],
+    stopping: Sequence[StoppingCriteria] = (),
+    logits_processor: LogitsProcessorList | None = None,
+    streamer: BaseStreamer | None = None,
+    **sampling: Any,
+) -> torch.Tensor:
+    """The new tokens of prompt ``rows`` (ids, ``<image>`` expanded) decoded together, one row each.
+
+    Rows are left-padded, their images (``pixels``, one entry per row) embedded, and the LM
+    generates with its KV cache until every row has met one of ``markers`` (or a ``stopping``
+    criterion) or ``max_new_tokens``. ``sampling`` goes to the ``GenerationConfig`` (do_sample,
+    temperature, top_p, top_k). Shared by :func:`generate` and the serving engine.
+    """
+    device = model.language_model.get_input_embeddings().weight.device
+    input_ids, attention_mask = left_pad(rows, tokenizer.pad_token_id, device)
+    pixel_values = batch_pixels(pixels, device)
+    generation_config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        use_cache=True,
+        **sampling,
+    )
+    embeds = model.embed_inputs(input_ids, pixel_values)
+    # From inputs_embeds alone a decoder-only LM returns only the new tokens.
+    return model.language_model.generate(
+        inputs_embeds=embeds,
+        attention_mask=attention_mask,
+        generation_config=generation_config,
+        logits_processor=logits_processor,
+        stopping_criteria=StoppingCriteriaList([StopOnText(tokenizer, markers), *stopping]),
+        streamer=streamer,
+    )
 
 
 def left_pad(

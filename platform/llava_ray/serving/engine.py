@@ -22,17 +22,15 @@ from typing import Any
 
 import torch
 from transformers import (
-    GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
     PreTrainedTokenizerBase,
     StoppingCriteria,
-    StoppingCriteriaList,
 )
 from transformers.generation.streamers import BaseStreamer
 
 from llava_ray.evaluation.loaded_model import InferenceModel
-from llava_ray.model.generate import StopOnText, batch_pixels, end_markers, left_pad, visible_answer
+from llava_ray.model.generate import decode, end_markers, visible_answer
 
 
 @dataclass
@@ -174,25 +172,18 @@ def generate_batch(
 
     Every row's last update carries its ``finish_reason``; after it the row's updates are empty.
     """
-    model, tokenizer = loaded.model, loaded.tokenizer
-    device = model.language_model.get_input_embeddings().weight.device
-    input_ids, attention_mask = left_pad([job.prompt_ids for job in jobs], tokenizer.pad_token_id, device)
-    pixel_values = batch_pixels([job.pixels for job in jobs], device)
+    tokenizer = loaded.tokenizer
     markers = end_markers(loaded.template, tokenizer)
     limits = [job.max_tokens for job in jobs]
-    generation_config = GenerationConfig(
-        max_new_tokens=max(limits),
-        do_sample=False,  # RowSampler draws the sampled rows' tokens
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        use_cache=True,
-    )
-    embeds = model.embed_inputs(input_ids, pixel_values)
-    model.language_model.generate(
-        inputs_embeds=embeds,
-        attention_mask=attention_mask,
-        generation_config=generation_config,
+    decode(
+        loaded.model,
+        tokenizer,
+        [job.prompt_ids for job in jobs],
+        [job.pixels for job in jobs],
+        max(limits),
+        markers,
+        stopping=[RowLimits(limits)],
         logits_processor=LogitsProcessorList([RowSampler(jobs)]),
-        stopping_criteria=StoppingCriteriaList([StopOnText(tokenizer, markers), RowLimits(limits)]),
         streamer=RowStreamer(tokenizer, markers, limits, emit),
+        do_sample=False,  # RowSampler draws the sampled rows' tokens
     )
