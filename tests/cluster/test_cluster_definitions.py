@@ -5,8 +5,11 @@ cluster/aws.yaml goes through the Ray cluster launcher's own defaults and schema
 KubeRay's own CRD schemas as the API server applies them (`kubectl apply --validate=strict`:
 unknown fields are errors), from tests/assets/kuberay/ (see its README for the source tag); the
 RayService's serveConfigV2 goes through Ray Serve's schema and its args through llava-ray's
-`ServeConfig`. The manifests, the Dockerfile and the runtime environment are also checked for
-the structure and the versions that a real cluster would otherwise reject only after nodes are up.
+`ServeConfig`. The manifests, the Dockerfiles and the runtime environment are also checked for
+the structure and the versions that a real cluster would otherwise reject only after nodes are up,
+and for what a real GPU fleet needs: token authentication on every node, the CPU image on nodes
+without a GPU, EFA on the multi-node GPU types, GPU models the autoscaler can scale up for (with
+Ray's own autoscaler code), RayJob deadlines, autoscaler v2.
 
     python -m pytest tests/cluster/test_cluster_definitions.py -q
 """
@@ -17,6 +20,7 @@ import copy
 import functools
 import gzip
 import importlib
+import itertools
 import re
 import subprocess
 from pathlib import Path
@@ -34,9 +38,15 @@ REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
 KUBERAY = CLUSTER / "kuberay"
 KUBERAY_CRDS = REPO / "tests" / "assets" / "kuberay"
-# Every node (head, CPU, GPU) runs this one image so Python, Ray and torch agree everywhere.
-EXPECTED_IMAGE = f"rayproject/ray:{ray.__version__}-py311-gpu"
+# GPU nodes run Ray's GPU image, the head and CPU nodes its CPU image: the same Ray and Python,
+# without the GBs of CUDA libraries a node without a GPU never uses.
+GPU_IMAGE = f"rayproject/ray:{ray.__version__}-py311-gpu"
+CPU_IMAGE = f"rayproject/ray:{ray.__version__}-py311-cpu"
+# Per GPU instance type: the GPU model Ray detects on it (ray.util.accelerators) and its EFA
+# interfaces (one per network card: p4d.24xlarge 4, p5.48xlarge 32).
 GPU_INSTANCE_TYPES = {"p4d.24xlarge", "p5.48xlarge"}
+GPU_MODEL = {"p4d.24xlarge": "A100", "p5.48xlarge": "H100"}
+EFA_INTERFACES = {"p4d.24xlarge": 4, "p5.48xlarge": 32}
 
 # Ray Serve 2.60's own modules use pydantic's deprecated Field(**extra) when first imported.
 pytestmark = pytest.mark.filterwarnings(
@@ -228,6 +238,197 @@ def test_aws_top_comment_gives_the_commands() -> None:
         assert command in text, command
 
 
+# --- cluster/aws.yaml: closed by default, images per node kind, EFA ---------------------------
+
+
+def launcher_container(config: dict[str, Any], node_type: str) -> tuple[str, list[str]]:
+    """The image and `docker run` options Ray 2.60's launcher gives a node of `node_type`.
+
+    As Ray does it: the node type's `docker` section updates the global one
+    (StandardAutoscaler._get_node_specific_docker_config), then a head takes `head_image` and
+    `head_run_options`, a worker `worker_image` and `worker_run_options`, both falling back to
+    `image` and sharing `run_options` (DockerCommandRunner.run_init).
+    """
+    docker = {**config["docker"], **config["available_node_types"][node_type].get("docker", {})}
+    role = "head" if node_type == config["head_node_type"] else "worker"
+    return docker.get(f"{role}_image", docker["image"]), [
+        *docker.get("run_options", []),
+        *docker.get(f"{role}_run_options", []),
+    ]
+
+
+def docker_env(run_options: list[str]) -> dict[str, str]:
+    """The environment variables `docker run` options set (`--env K=V`, `-e K=V`, `--env=K=V`)."""
+    words = " ".join(run_options).replace("--env=", "--env ").split()
+    pairs = [value for flag, value in itertools.pairwise(words) if flag in ("--env", "-e")]
+    return dict(pair.split("=", 1) for pair in pairs)
+
+
+def _gpu_types(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    types = config["available_node_types"]
+    return {n: t for n, t in types.items() if t["node_config"]["InstanceType"] in GPU_INSTANCE_TYPES}
+
+
+def check_aws_token_auth(config: dict[str, Any]) -> None:
+    """Every node's container runs in token mode and has the token at the default path."""
+    for name in config["available_node_types"]:
+        env = docker_env(launcher_container(config, name)[1])
+        assert env.get("RAY_AUTH_MODE") == "token", (
+            f"{name}: RAY_AUTH_MODE={env.get('RAY_AUTH_MODE')!r} in its container: set `--env "
+            "RAY_AUTH_MODE=token` in docker.run_options so every node (and client on it) uses the token"
+        )
+    # file_mounts' targets are in the container user's home: Ray's default token file there.
+    assert config["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token", (
+        f"file_mounts: {config['file_mounts']}: copy your ~/.ray/auth_token to every node's ~/.ray/auth_token"
+    )
+    for command in [*config["head_start_ray_commands"], *config["worker_start_ray_commands"]]:
+        assert "RAY_AUTH_MODE=disabled" not in command, command
+
+
+def check_aws_images(config: dict[str, Any]) -> None:
+    """GPU types run the GPU image, the head and CPU types the CPU image."""
+    gpu_types = _gpu_types(config)
+    for name in config["available_node_types"]:
+        image, _ = launcher_container(config, name)
+        expected = GPU_IMAGE if name in gpu_types else CPU_IMAGE
+        assert image == expected, f"{name}: runs {image}, expected {expected}"
+
+
+def check_aws_efa(config: dict[str, Any]) -> None:
+    """Each GPU type has all its EFA interfaces, in a cluster placement group, visible in its container."""
+    from ray.autoscaler._private.aws.config import _configure_subnets_and_groups_from_network_interfaces
+
+    shared_groups = {
+        tuple(t["node_config"]["SecurityGroupIds"])
+        for name, t in config["available_node_types"].items()
+        if name not in _gpu_types(config)
+    }
+    assert len(shared_groups) == 1, f"one security group for every node: {shared_groups}"
+    for name, node_type in _gpu_types(config).items():
+        node_config = node_type["node_config"]
+        interfaces = node_config.get("NetworkInterfaces", [])
+        expected = EFA_INTERFACES[node_config["InstanceType"]]
+        efa = [i for i in interfaces if i.get("InterfaceType") in ("efa", "efa-only")]
+        assert len(efa) == len(interfaces) == expected, (
+            f"{name}: {len(efa)} EFA interfaces of {len(interfaces)}; {node_config['InstanceType']} has {expected}"
+        )
+        assert sorted(i["NetworkCardIndex"] for i in efa) == list(range(expected)), (
+            f"{name}: one per network card"
+        )
+        (primary,) = [i for i in efa if i["DeviceIndex"] == 0]
+        assert (primary["NetworkCardIndex"], primary["InterfaceType"]) == (0, "efa"), f"{name}: {primary}"
+        # Ray's own bootstrap step for NetworkInterfaces (it refuses a missing subnet or group).
+        bootstrapped = _configure_subnets_and_groups_from_network_interfaces(node_config)
+        assert len(set(bootstrapped["SubnetIds"])) == 1, f"{name}: EFA needs one subnet"
+        assert {tuple(sorted(set(bootstrapped["SecurityGroupIds"])))} == shared_groups, (
+            f"{name}: its interfaces must be in the cluster's security group, or nodes cannot talk"
+        )
+        assert node_config.get("Placement", {}).get("GroupName"), f"{name}: a cluster placement group"
+        _, options = launcher_container(config, name)
+        assert "--device=/dev/infiniband" in options, f"{name}: the container must see the EFA devices"
+        assert "--ulimit memlock=-1:-1" in options, f"{name}: libfabric pins NCCL's buffers"
+        assert docker_env(options).get("FI_PROVIDER") == "efa", name
+    for name in config["available_node_types"]:
+        if name not in _gpu_types(config):
+            assert "--device=/dev/infiniband" not in launcher_container(config, name)[1], name
+
+
+def check_aws_gpu_models(config: dict[str, Any]) -> None:
+    """Each GPU type advertises the GPU model Ray will detect on its instance type."""
+    for name, node_type in _gpu_types(config).items():
+        advertised = {r for r in node_type["resources"] if r.startswith("accelerator_type:")}
+        assert advertised == {f"accelerator_type:{GPU_MODEL[node_type['node_config']['InstanceType']]}"}, name
+
+
+def test_aws_cluster_is_closed_by_default(aws_prepared: dict[str, Any]) -> None:
+    check_aws_token_auth(aws_prepared)
+
+
+def test_aws_cpu_nodes_do_not_pull_the_gpu_image(aws_prepared: dict[str, Any]) -> None:
+    check_aws_images(aws_prepared)
+
+
+def test_aws_gpu_types_have_their_efa_interfaces(aws_prepared: dict[str, Any]) -> None:
+    check_aws_efa(aws_prepared)
+
+
+def test_aws_gpu_types_advertise_their_gpu_model(aws_prepared: dict[str, Any]) -> None:
+    check_aws_gpu_models(aws_prepared)
+
+
+def test_aws_top_comment_gives_the_token_steps() -> None:
+    header = (CLUSTER / "aws.yaml").read_text().split("\ncluster_name:")[0]
+    assert "ray get-auth-token --generate" in header
+    assert "RAY_AUTH_MODE=token" in header
+
+
+@pytest.mark.parametrize(
+    ("check", "break_config", "message"),
+    [
+        pytest.param(
+            check_aws_token_auth,
+            lambda c: c["docker"]["run_options"].remove("--env RAY_AUTH_MODE=token"),
+            r"head: RAY_AUTH_MODE=None in its container",
+            id="auth_mode_not_set",
+        ),
+        pytest.param(
+            check_aws_token_auth,
+            lambda c: c["available_node_types"]["gpu-h100-p5"]["docker"]["worker_run_options"].append(
+                "-e RAY_AUTH_MODE=disabled"
+            ),
+            r"gpu-a100-p4d: RAY_AUTH_MODE='disabled'",  # the two GPU types share their docker section
+            id="auth_disabled_on_a_type",
+        ),
+        pytest.param(
+            check_aws_token_auth,
+            lambda c: c["file_mounts"].pop("~/.ray/auth_token"),
+            r"copy your ~/\.ray/auth_token",
+            id="token_not_copied",
+        ),
+        pytest.param(
+            check_aws_images,
+            lambda c: c["available_node_types"]["cpu-m6i-8xlarge"].pop("docker"),
+            r"cpu-m6i-8xlarge: runs rayproject/ray:\S+-gpu",
+            id="cpu_type_on_the_gpu_image",
+        ),
+        pytest.param(
+            check_aws_efa,
+            lambda c: c["available_node_types"]["gpu-h100-p5"]["node_config"]["NetworkInterfaces"].pop(),
+            r"gpu-h100-p5: 31 EFA interfaces of 31; p5\.48xlarge has 32",
+            id="efa_interface_missing",
+        ),
+        pytest.param(
+            check_aws_efa,
+            lambda c: c["available_node_types"]["gpu-a100-p4d"]["node_config"]["NetworkInterfaces"][1].pop(
+                "SubnetId"
+            ),
+            r"at least one is missing a subnet",
+            id="efa_interface_without_subnet",
+        ),
+        pytest.param(
+            check_aws_efa,
+            lambda c: c["available_node_types"]["gpu-a100-p4d"]["node_config"].pop("Placement"),
+            r"gpu-a100-p4d: a cluster placement group",
+            id="no_placement_group",
+        ),
+        pytest.param(
+            check_aws_gpu_models,
+            lambda c: c["available_node_types"]["gpu-h100-p5"]["resources"].update(
+                {"accelerator_type:H100": 0, "accelerator_type:A100": 1}
+            ),
+            r"gpu-h100-p5",
+            id="wrong_gpu_model",
+        ),
+    ],
+)
+def test_aws_fleet_checks_reject_a_broken_copy(aws: dict[str, Any], check, break_config, message) -> None:
+    """The checks above can fail: each deliberately broken copy is refused, for its reason."""
+    broken = copy.deepcopy(aws)
+    break_config(broken)
+    with pytest.raises((AssertionError, ValueError), match=message):
+        check(validated_launcher_config(broken))
+
+
 # --- images and versions --------------------------------------------------------------------
 
 
@@ -244,9 +445,9 @@ def _images(node: Any) -> list[str]:
 def test_images_match_the_installed_ray(
     aws: dict[str, Any], raycluster: dict[str, Any], rayjob: dict[str, Any], rayservice: dict[str, Any]
 ) -> None:
-    assert aws["docker"]["image"] == EXPECTED_IMAGE
-    dockerfile_from = re.findall(r"^FROM\s+(\S+)", (CLUSTER / "Dockerfile").read_text(), re.MULTILINE)
-    assert dockerfile_from == [EXPECTED_IMAGE]
+    assert aws["docker"]["image"] == GPU_IMAGE
+    assert _dockerfile_from("Dockerfile") == [GPU_IMAGE]
+    assert _dockerfile_from("Dockerfile.cpu") == [CPU_IMAGE]
     for name, manifest in (
         ("raycluster.yaml", raycluster),
         ("rayjob.yaml", rayjob),
@@ -254,19 +455,49 @@ def test_images_match_the_installed_ray(
     ):
         images = _images(manifest)
         assert images, f"{name}: no container images found"
-        assert set(images) == {EXPECTED_IMAGE}, f"{name}: {sorted(set(images))}"
+        assert set(images) <= {GPU_IMAGE, CPU_IMAGE}, f"{name}: {sorted(set(images))}"
     assert raycluster["spec"]["rayVersion"] == ray.__version__
     assert rayjob["spec"]["rayClusterSpec"]["rayVersion"] == ray.__version__
     assert rayservice["spec"]["rayClusterConfig"]["rayVersion"] == ray.__version__
 
 
+def _dockerfile_from(name: str) -> list[str]:
+    return re.findall(r"^FROM\s+(\S+)", (CLUSTER / name).read_text(), re.MULTILINE)
+
+
+def _dockerfile_runs(name: str) -> str:
+    text = (CLUSTER / name).read_text()
+    return " ".join(re.findall(r"^RUN\s+(.*?)(?<!\\)$", text, re.MULTILINE | re.DOTALL))
+
+
 def test_dockerfile_installs_cuda_torch_deepspeed_and_the_project() -> None:
-    text = (CLUSTER / "Dockerfile").read_text()
-    runs = " ".join(re.findall(r"^RUN\s+(.*?)(?<!\\)$", text, re.MULTILINE | re.DOTALL))
+    runs = _dockerfile_runs("Dockerfile")
     assert re.search(r"pip install .*torch==", runs)
     assert "whl/cpu" not in runs, "the training image needs the CUDA build of torch"
     assert "deepspeed" in runs
     assert re.search(r"pip install [^\n]*\s\.(\s|$)", runs), "the project itself: pip install ."
+
+
+def test_dockerfile_installs_efa_userspace_for_nccl() -> None:
+    """libfabric and aws-ofi-nccl in the GPU image (user space only), where NCCL finds the plugin."""
+    text = (CLUSTER / "Dockerfile").read_text()
+    runs = _dockerfile_runs("Dockerfile")
+    assert "efa_installer.sh" in runs and "--skip-kmod" in runs, "EFA user space, the host has the driver"
+    (library_path,) = re.findall(r"^ENV\s+LD_LIBRARY_PATH=(\S+)", text, re.MULTILINE)
+    assert "/opt/amazon/ofi-nccl/lib" in library_path.split(":"), "NCCL loads aws-ofi-nccl from here"
+    assert re.search(r"^USER ray$", text.split("efa_installer.sh")[1], re.MULTILINE), "back to the ray user"
+
+
+def test_dockerfile_cpu_installs_cpu_torch_deepspeed_and_the_project() -> None:
+    """The CPU image: Ray's CPU base, the CPU torch build first (nothing pulls CUDA's), the project."""
+    text = (CLUSTER / "Dockerfile.cpu").read_text()
+    runs = _dockerfile_runs("Dockerfile.cpu")
+    assert re.search(r"pip install .*torch==\S+.* --index-url https://download\.pytorch\.org/whl/cpu", runs)
+    assert runs.index("whl/cpu") < runs.index("deepspeed") < runs.index(" . "), "CPU torch before all else"
+    assert re.search(r"pip install [^\n]*\s\.(\s|$)", runs), "the project itself: pip install ."
+    assert (
+        "COPY --chown=ray:users platform ./platform" in text and "COPY --chown=ray:users jobs ./jobs" in text
+    )
 
 
 # --- KubeRay: KubeRay's own CRD schemas -----------------------------------------------------
@@ -527,6 +758,36 @@ def _alpha_api_version(m: dict[str, Any]) -> None:
             "rayservice.yaml", _no_name, r"\$\.metadata: 'name' is a required property", id="no_name"
         ),
         pytest.param(
+            "raycluster.yaml",
+            lambda m: m["spec"]["authOptions"].update(mode="tokens"),
+            r"\$\.spec\.authOptions\.mode: 'tokens' is not one of \['disabled', 'token'\]",
+            id="auth_mode_typo",
+        ),
+        pytest.param(
+            "raycluster.yaml",
+            lambda m: m["spec"]["autoscalerOptions"].update(version="2"),
+            r"\$\.spec\.autoscalerOptions\.version: '2' is not one of \['v1', 'v2'\]",
+            id="autoscaler_version_typo",
+        ),
+        pytest.param(
+            "raycluster.yaml",
+            lambda m: m["spec"]["workerGroupSpecs"][1].update(resources={"accelerator_type:A100": 1}),
+            r"\$\.spec\.workerGroupSpecs\[1\]\.resources\['accelerator_type:A100'\]: 1 is not of type 'string'",
+            id="group_resource_not_a_string",
+        ),
+        pytest.param(
+            "rayjob.yaml",
+            lambda m: m["spec"].update(preRunningDeadlineSecond=m["spec"].pop("preRunningDeadlineSeconds")),
+            r"'preRunningDeadlineSecond' was unexpected",
+            id="deadline_typo",
+        ),
+        pytest.param(
+            "rayjob.yaml",
+            lambda m: m["spec"].update(activeDeadlineSeconds="48h"),
+            r"\$\.spec\.activeDeadlineSeconds: '48h' is not of type 'integer'",
+            id="deadline_not_seconds",
+        ),
+        pytest.param(
             "rayservice.yaml",
             _alpha_api_version,
             r"'ray\.io/v1alpha1' is not one of \['ray\.io/v1'\]",
@@ -597,6 +858,122 @@ def check_cluster_spec(spec: dict[str, Any]) -> None:
         assert group["groupName"]
         assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], group["groupName"]
         assert _containers(group)
+    check_kuberay_token_auth(spec)
+    check_kuberay_autoscaler_v2(spec)
+    check_kuberay_images(spec)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+
+
+def check_kuberay_token_auth(spec: dict[str, Any]) -> None:
+    """Token authentication as KubeRay 1.7 turns it on: authOptions.mode token, Ray 2.52 or later.
+
+    KubeRay then sets RAY_AUTH_MODE and the token on every Ray container, but never over a
+    container's own RAY_AUTH_MODE (common/pod.go SetContainerTokenAuthEnvVars), so none may set one.
+    """
+    mode = spec.get("authOptions", {}).get("mode")
+    assert mode == "token", (
+        f"authOptions.mode is {mode!r}: set `authOptions: {{mode: token}}` (closed by default)"
+    )
+    assert _version(spec["rayVersion"]) >= (2, 52), (
+        f"token auth needs Ray 2.52 or later, not {spec['rayVersion']}"
+    )
+    for template in _pod_templates(spec):
+        for container in template["spec"]["containers"]:
+            names = {e["name"] for e in container.get("env", [])}
+            assert not names & {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}, (
+                f"{container['name']}: sets {sorted(names & {'RAY_AUTH_MODE', 'RAY_AUTH_TOKEN'})}, which "
+                "would override KubeRay's token authentication"
+            )
+
+
+def check_kuberay_autoscaler_v2(spec: dict[str, Any]) -> None:
+    """Autoscaler v2 as KubeRay 1.7 spells it, and what its validation refuses alongside it (utils/validation.go)."""
+    version = spec["autoscalerOptions"].get("version")
+    assert version == "v2", f"autoscalerOptions.version is {version!r}: set `version: v2`"
+    head_env = {e["name"] for c in _containers(spec["headGroupSpec"]) for e in c.get("env", [])}
+    assert "RAY_enable_autoscaler_v2" not in head_env, (
+        "KubeRay refuses both autoscalerOptions.version and the env"
+    )
+    for template in _pod_templates(spec):
+        assert template["spec"].get("restartPolicy", "Never") == "Never", (
+            "autoscaler v2: restartPolicy Never or unset"
+        )
+
+
+def check_kuberay_images(spec: dict[str, Any]) -> None:
+    """Pods with GPUs run the GPU image; the head and every pod without a GPU, the CPU image."""
+    for name, group in [("head", spec["headGroupSpec"])] + [
+        (g["groupName"], g) for g in spec["workerGroupSpecs"]
+    ]:
+        expected = GPU_IMAGE if _gpu_limit(group) else CPU_IMAGE
+        images = [c["image"] for c in _containers(group)]
+        assert images == [expected] * len(images), f"{name}: runs {images}, expected {expected}"
+
+
+def kuberay_autoscaler_node_types(spec: dict[str, Any]) -> dict[str, Any]:
+    """The node types Ray's autoscaler (v1 and v2 alike) derives from a RayCluster spec on KubeRay."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+
+    ray_cr = {"metadata": {"name": "llava-ray", "namespace": "default"}, "spec": copy.deepcopy(spec)}
+    return _derive_autoscaling_config_from_ray_cr(ray_cr)["available_node_types"]
+
+
+def nodes_launched_for(node_types: dict[str, Any], head_type: str, bundles: list[dict[str, float]]):
+    """What Ray's autoscaler adds for `bundles` on an empty cluster: (node counts by type, unmet bundles)."""
+    from ray.autoscaler._private.node_provider_availability_tracker import NodeAvailabilitySummary
+    from ray.autoscaler._private.resource_demand_scheduler import _default_utilization_scorer, get_nodes_for
+
+    scorer = functools.partial(
+        _default_utilization_scorer, node_availability_summary=NodeAvailabilitySummary(node_availabilities={})
+    )
+    to_add, unmet = get_nodes_for(node_types, {head_type: 1}, head_type, 100, bundles, scorer)
+    return dict(to_add), unmet
+
+
+def _instance_type(group: dict[str, Any]) -> str | None:
+    return group["template"]["spec"].get("nodeSelector", {}).get("node.kubernetes.io/instance-type")
+
+
+def check_kuberay_gpu_models(spec: dict[str, Any]) -> None:
+    """Each GPU group is one GPU model, and Ray's autoscaler scales it up from 0 for a job that pins it.
+
+    Ray detects a pod's GPU model (`accelerator_type:H100`) only once the pod runs; at 0 pods the
+    autoscaler knows what the group spec declares. 8 Train workers pinned to a model must start
+    exactly one pod of that model's group.
+    """
+    node_types = kuberay_autoscaler_node_types(spec)
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    for model in sorted(set(GPU_MODEL.values())):
+        bundles = [{"CPU": 1, "GPU": 1, f"accelerator_type:{model}": 0.001}] * 8
+        launched, unmet = nodes_launched_for(node_types, "headgroup", bundles)
+        assert len(launched) == 1 and sum(launched.values()) == 1 and not unmet, (
+            f"8 workers pinned to accelerator_type:{model} start {launched}, leave {len(unmet)} pending: "
+            f'declare `resources: {{"accelerator_type:{model}": "1"}}` on the {model} group'
+        )
+        (name,) = launched
+        instance_type = _instance_type(groups[name])
+        assert GPU_MODEL.get(instance_type) == model, (
+            f"{name} advertises accelerator_type:{model} but its nodeSelector asks for {instance_type}: "
+            "pin the instance type whose GPU Ray will detect"
+        )
+
+
+def check_kuberay_efa(spec: dict[str, Any]) -> None:
+    """Each 8-GPU group asks for all its instance type's EFA devices and points libfabric at them."""
+    for group in [g for g in spec["workerGroupSpecs"] if _gpu_limit(g)]:
+        instance_type = _instance_type(group)
+        (container,) = _containers(group)
+        for kind in ("limits", "requests"):
+            efa = container["resources"][kind].get("vpc.amazonaws.com/efa")
+            assert efa == EFA_INTERFACES[instance_type], (
+                f"{group['groupName']}: {kind} vpc.amazonaws.com/efa is {efa}, {instance_type} has "
+                f"{EFA_INTERFACES[instance_type]}"
+            )
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        assert env.get("FI_PROVIDER") == "efa", f"{group['groupName']}: FI_PROVIDER=efa for libfabric"
 
 
 def check_training_cluster_spec(spec: dict[str, Any]) -> None:
@@ -609,6 +986,9 @@ def check_training_cluster_spec(spec: dict[str, Any]) -> None:
     for group in gpu_groups:
         assert group["minReplicas"] == 0, f"{group['groupName']}: GPU pods must scale from 0"
         assert _gpu_limit(group) == 8, group["groupName"]
+    check_kuberay_gpu_models(spec)
+    assert {_instance_type(g) for g in gpu_groups} == GPU_INSTANCE_TYPES, "a GPU group per aws.yaml GPU type"
+    check_kuberay_efa(spec)
 
 
 def check_serving_cluster_spec(spec: dict[str, Any], serve: ServeConfig, http_port: int) -> None:
@@ -650,6 +1030,21 @@ def test_raycluster_structure(raycluster: dict[str, Any]) -> None:
     check_training_cluster_spec(raycluster["spec"])
 
 
+def check_rayjob_deadlines(spec: dict[str, Any]) -> None:
+    """A RayJob that cannot start, or whose work stays PENDING, fails instead of waiting forever."""
+    pre_running = spec.get("preRunningDeadlineSeconds")
+    active = spec.get("activeDeadlineSeconds")
+    assert isinstance(pre_running, int) and pre_running > 0, (
+        f"preRunningDeadlineSeconds={pre_running!r}: bound the wait for the cluster and the submission"
+    )
+    assert isinstance(active, int) and active > 0, (
+        f"activeDeadlineSeconds={active!r}: bound the whole run (a request no group satisfies stays PENDING)"
+    )
+    assert pre_running < active, "the start's deadline lies within the run's"
+    # The 7B pipeline takes about 14 h on one 8-A100 node; do not stop a healthy run, nor wait a week.
+    assert 24 * 3600 <= active <= 7 * 24 * 3600, active
+
+
 def test_rayjob_structure(rayjob: dict[str, Any], raycluster: dict[str, Any]) -> None:
     assert rayjob["apiVersion"] == "ray.io/v1"
     assert rayjob["kind"] == "RayJob"
@@ -658,6 +1053,7 @@ def test_rayjob_structure(rayjob: dict[str, Any], raycluster: dict[str, Any]) ->
     assert spec["entrypoint"] == "python jobs/pipeline.py --config jobs/configs/llava-1.5-7b/pipeline.yaml"
     assert spec["shutdownAfterJobFinishes"] is True
     assert isinstance(spec["ttlSecondsAfterFinished"], int) and spec["ttlSecondsAfterFinished"] > 0
+    check_rayjob_deadlines(spec)
     check_training_cluster_spec(spec["rayClusterSpec"])
     assert spec["rayClusterSpec"] == raycluster["spec"], (
         "keep rayjob.yaml's rayClusterSpec = raycluster.yaml's spec"
@@ -677,6 +1073,183 @@ def test_rayservice_structure(rayservice: dict[str, Any], raycluster: dict[str, 
     assert cluster["autoscalerOptions"] == raycluster["spec"]["autoscalerOptions"]
     accounts = {t["spec"].get("serviceAccountName") for t in _pod_templates(cluster)}
     assert accounts == {raycluster["spec"]["headGroupSpec"]["template"]["spec"]["serviceAccountName"]}
+
+
+# One test per fleet item, per manifest (the structure tests above check them all together).
+CLUSTER_SPECS = {
+    "raycluster.yaml": lambda m: m["spec"],
+    "rayjob.yaml": lambda m: m["spec"]["rayClusterSpec"],
+    "rayservice.yaml": lambda m: m["spec"]["rayClusterConfig"],
+}
+TRAINING_MANIFESTS = ("raycluster.yaml", "rayjob.yaml")
+
+
+def cluster_spec(file: str) -> dict[str, Any]:
+    return CLUSTER_SPECS[file](load_yaml(KUBERAY / file))
+
+
+@pytest.mark.parametrize("file", sorted(CLUSTER_SPECS))
+def test_kuberay_cluster_is_closed_by_default(file: str) -> None:
+    check_kuberay_token_auth(cluster_spec(file))
+
+
+@pytest.mark.parametrize("file", sorted(CLUSTER_SPECS))
+def test_kuberay_cluster_runs_autoscaler_v2(file: str) -> None:
+    check_kuberay_autoscaler_v2(cluster_spec(file))
+
+
+@pytest.mark.parametrize("file", sorted(CLUSTER_SPECS))
+def test_kuberay_cpu_pods_do_not_pull_the_gpu_image(file: str) -> None:
+    check_kuberay_images(cluster_spec(file))
+
+
+@pytest.mark.parametrize("file", TRAINING_MANIFESTS)
+def test_kuberay_gpu_groups_scale_up_for_a_pinned_gpu_model(file: str) -> None:
+    check_kuberay_gpu_models(cluster_spec(file))
+
+
+@pytest.mark.parametrize("file", TRAINING_MANIFESTS)
+def test_kuberay_gpu_groups_get_their_efa_devices(file: str) -> None:
+    check_kuberay_efa(cluster_spec(file))
+
+
+def test_rayjob_fails_instead_of_waiting_forever(rayjob: dict[str, Any]) -> None:
+    check_rayjob_deadlines(rayjob["spec"])
+
+
+@pytest.mark.parametrize(
+    ("break_spec", "message"),
+    [
+        pytest.param(lambda s: s.pop("authOptions"), r"authOptions\.mode is None", id="auth_off"),
+        pytest.param(
+            lambda s: s["authOptions"].update(mode="disabled"),
+            r"authOptions\.mode is 'disabled'",
+            id="auth_disabled",
+        ),
+        pytest.param(
+            lambda s: (
+                _containers(s["workerGroupSpecs"][0])[0]
+                .setdefault("env", [])
+                .append({"name": "RAY_AUTH_MODE", "value": "disabled"})
+            ),
+            r"ray-worker: sets \['RAY_AUTH_MODE'\], which would override",
+            id="auth_env_override",
+        ),
+        pytest.param(
+            lambda s: s.update(rayVersion="2.51.0"),
+            r"token auth needs Ray 2\.52 or later",
+            id="ray_too_old_for_auth",
+        ),
+        pytest.param(
+            lambda s: s["autoscalerOptions"].pop("version"),
+            r"autoscalerOptions\.version is None",
+            id="autoscaler_v1",
+        ),
+        pytest.param(
+            lambda s: s["headGroupSpec"]["template"]["spec"].update(restartPolicy="Always"),
+            r"restartPolicy Never or unset",
+            id="v2_with_restart_policy",
+        ),
+        pytest.param(
+            lambda s: _containers(s["workerGroupSpecs"][0])[0].update(image=GPU_IMAGE),
+            r"cpu: runs \['rayproject/ray:\S+-gpu'\], expected rayproject/ray:\S+-cpu",
+            id="cpu_group_on_the_gpu_image",
+        ),
+        pytest.param(
+            lambda s: _containers(s["headGroupSpec"])[0].update(image=GPU_IMAGE),
+            r"head: runs \['rayproject/ray:\S+-gpu'\]",
+            id="head_on_the_gpu_image",
+        ),
+    ],
+)
+def test_cluster_spec_checks_reject_a_broken_copy(
+    raycluster: dict[str, Any], break_spec, message: str
+) -> None:
+    """The checks every cluster spec goes through can fail: each broken copy is refused, for its reason."""
+    broken = copy.deepcopy(raycluster)
+    break_spec(broken["spec"])
+    with pytest.raises(AssertionError, match=message):
+        check_cluster_spec(broken["spec"])
+
+
+@pytest.mark.parametrize(
+    ("break_spec", "message"),
+    [
+        pytest.param(
+            lambda s: s["workerGroupSpecs"][2].pop("resources"),
+            r"8 workers pinned to accelerator_type:H100 start \{\}, leave 8 pending",
+            id="gpu_model_not_advertised",
+        ),
+        pytest.param(
+            lambda s: s["workerGroupSpecs"][1].update(resources={"accelerator_type:H100": "1"}),
+            r"accelerator_type:A100 start \{\}",
+            id="gpu_model_of_the_other_group",
+        ),
+        pytest.param(
+            lambda s: s["workerGroupSpecs"][2]["template"]["spec"].update(
+                nodeSelector={"node.kubernetes.io/instance-type": "p4d.24xlarge"}
+            ),
+            r"gpu-h100 advertises accelerator_type:H100 but its nodeSelector asks for p4d\.24xlarge",
+            id="gpu_model_on_the_wrong_instance_type",
+        ),
+        pytest.param(
+            lambda s: s["workerGroupSpecs"][1]["template"]["spec"].pop("nodeSelector"),
+            r"gpu-a100 advertises accelerator_type:A100 but its nodeSelector asks for None",
+            id="gpu_model_not_pinned",
+        ),
+        pytest.param(
+            lambda s: _containers(s["workerGroupSpecs"][2])[0]["resources"]["limits"].pop(
+                "vpc.amazonaws.com/efa"
+            ),
+            r"gpu-h100: limits vpc\.amazonaws\.com/efa is None, p5\.48xlarge has 32",
+            id="no_efa",
+        ),
+        pytest.param(
+            lambda s: _containers(s["workerGroupSpecs"][1])[0].pop("env"),
+            r"gpu-a100: FI_PROVIDER=efa",
+            id="no_efa_provider",
+        ),
+    ],
+)
+def test_training_cluster_checks_reject_a_broken_copy(
+    raycluster: dict[str, Any], break_spec, message: str
+) -> None:
+    broken = copy.deepcopy(raycluster)
+    break_spec(broken["spec"])
+    with pytest.raises(AssertionError, match=message):
+        check_training_cluster_spec(broken["spec"])
+
+
+def test_gpu_groups_scale_up_for_an_unpinned_job(raycluster: dict[str, Any]) -> None:
+    """Unpinned, 8 GPU workers start one 8-GPU pod of either model, and preparation's CPUs no GPU pod."""
+    node_types = kuberay_autoscaler_node_types(raycluster["spec"])
+    launched, unmet = nodes_launched_for(node_types, "headgroup", [{"CPU": 1, "GPU": 1}] * 8)
+    assert unmet == [] and sum(launched.values()) == 1 and set(launched) <= {"gpu-a100", "gpu-h100"}, launched
+    launched, unmet = nodes_launched_for(node_types, "headgroup", [{"CPU": 1}] * 60)
+    assert (launched, unmet) == ({"cpu": 2}, []), launched
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        pytest.param(
+            "preRunningDeadlineSeconds", None, r"preRunningDeadlineSeconds=None", id="no_pre_running_deadline"
+        ),
+        pytest.param("activeDeadlineSeconds", None, r"activeDeadlineSeconds=None", id="no_active_deadline"),
+        pytest.param(
+            "activeDeadlineSeconds", 1200, r"the start's deadline lies within", id="active_before_start"
+        ),
+    ],
+)
+def test_rayjob_deadline_check_rejects_a_broken_copy(
+    rayjob: dict[str, Any], field: str, value, message: str
+) -> None:
+    spec = copy.deepcopy(rayjob["spec"])
+    spec.pop(field)
+    if value is not None:
+        spec[field] = value
+    with pytest.raises(AssertionError, match=message):
+        check_rayjob_deadlines(spec)
 
 
 # --- KubeRay: the RayService's Serve config -------------------------------------------------
