@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh machine: `make demo` and `make test`.
 # Both create .venv if missing and install the project; where no NVIDIA GPU is present the
-# CPU build of torch is installed first (an unpinned torch would pull a multi-GB CUDA build).
+# CPU build of torch is installed first (an unpinned torch would pull a multi-GB CUDA build), then
+# uv installs the project and its other dependencies (it leaves the installed torch as it is).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -22,7 +23,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 		$(BIN)/pip install --quiet "torch==$(TORCH_CPU_VERSION)" || \
 		$(BIN)/pip install --quiet "torch==$(TORCH_CPU_VERSION)" --index-url https://download.pytorch.org/whl/cpu; \
 	fi
-	$(BIN)/pip install --quiet -e ".[dev]"
+	@# uv resolves and installs the rest in about a minute where pip takes several; it keeps the torch above.
+	$(BIN)/pip install --quiet "uv>=0.5"
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -e ".[dev]"
 	@touch $(STAMP)
 
 install: $(STAMP)
