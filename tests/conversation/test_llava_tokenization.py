@@ -269,6 +269,7 @@ def prepare_with_shipped_config(
         [
             f"model.tokenizer={tokenizer_dir}",
             f"model.vision_tower={clip_dir}",
+            "data.dataset=null",  # the shipped config's registry entry would add the real 558K/665K files
             f"data.sources=[{{path: {data_file}}}]",
             f"data.prepared_path={folder / 'prepared'}",
         ],

@@ -7,13 +7,26 @@ The configs and sweeps llava-ray ships (what the demo runs, the LLaVA-1.5 recipe
 under ``llava_ray/assets/``, found with :data:`SHIPPED_CONFIGS` and :data:`SHIPPED_SWEEPS` however
 llava-ray is installed; in a checkout ``jobs/configs`` and ``jobs/sweeps`` link to them, so
 ``ray job submit --working-dir .`` jobs name them as before.
+
+Reading is safe and portable:
+
+- every YAML a user writes (config, sweep and pipeline files, override values) goes through
+  :func:`llava_ray.utils.safe_yaml.load_yaml`: no aliases (a "billion laughs" file fails at once),
+  bounded size and depth, and each parse error is one ConfigError line naming the file or override;
+- string values may reference other keys, ``${run.root}``, and the environment, ``${env:NAME}`` or
+  ``${env:NAME,default}`` (``$${`` is a literal ``${``), resolved after the overrides and before
+  validation (:func:`resolve_references`), so one value moves every path of a recipe and
+  ``llava-ray validate`` prints the result.
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
+import os
+import re
 import typing
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -21,7 +34,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from llava_ray.config.paths import resolve_paths
 from llava_ray.config.schema import LlavaRayConfig, cross_section_problems
+from llava_ray.utils.safe_yaml import YamlError, YamlLimitError, load_yaml, read_yaml_file
 
 if typing.TYPE_CHECKING:  # importlib.resources.abc is Python >= 3.11
     from importlib.resources.abc import Traversable
@@ -47,7 +62,19 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
         raise ConfigError([f"override {text!r}: expected dotted.key=value, e.g. train.learning_rate=2e-5"])
-    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+    if not value.strip():
+        return key.strip().split("."), None
+    try:
+        return key.strip().split("."), load_yaml(value)
+    except YamlLimitError as error:
+        raise ConfigError([f"override {text!r}: {error}"]) from None
+    except YamlError as error:
+        raise ConfigError(
+            [
+                f"override {text!r}: the value is not valid YAML ({error}); close every bracket and quote, "
+                f"or pass text as a quoted YAML string ({key.strip()}='\"...\"' in a shell)"
+            ]
+        ) from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> tuple[dict[str, Any], list[str]]:
@@ -55,7 +82,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> tuple[dict
 
     List items are addressed by index (``data.sources.0.path=...``).
     """
-    result = yaml.safe_load(yaml.safe_dump(raw))  # deep copy of plain data
+    result = copy.deepcopy(raw)
     problems = []
     for text in overrides:
         try:
@@ -104,9 +131,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError([f"config file {str(path)!r} does not exist; pass an existing YAML file"])
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError([f"config file {str(path)!r} is not valid YAML: {error}"]) from None
+        raw = read_yaml_file(path)
+    except YamlError as error:
+        raise ConfigError([f"config file {str(path)!r}: {error}"]) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(
+            [f"config file {str(path)!r} cannot be read ({error}); pass a readable UTF-8 file"]
+        ) from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -117,17 +148,24 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def validate_config(
-    raw: dict[str, Any], source: str | None = None, earlier_problems: Sequence[str] = ()
+    raw: dict[str, Any],
+    source: str | None = None,
+    earlier_problems: Sequence[str] = (),
+    unresolved: Collection[str] = (),
 ) -> LlavaRayConfig:
     """Validate plain data into a :class:`LlavaRayConfig` or raise one :class:`ConfigError`.
 
-    ``earlier_problems`` (bad overrides, say) are reported in the same error.
+    ``earlier_problems`` (bad overrides, say) are reported in the same error; field errors at the
+    ``unresolved`` keys (whose ``${...}`` failed, already among them) are not reported twice.
     """
     problems = list(earlier_problems)
     try:
         config = LlavaRayConfig.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError([*problems, *(describe_error(e) for e in error.errors())], source) from None
+        field_problems = [
+            describe_error(e) for e in error.errors() if ".".join(map(str, e["loc"])) not in unresolved
+        ]
+        raise ConfigError([*problems, *field_problems], source) from None
     problems += cross_section_problems(config)
     if problems:
         raise ConfigError(problems, source)
@@ -138,7 +176,123 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     """Load ``path`` (or the defaults when None), apply overrides, validate."""
     raw = read_yaml(path) if path is not None else {}
     raw, problems = apply_overrides(raw, overrides)
-    return validate_config(raw, str(path) if path else None, problems)
+    raw, reference_problems, unresolved = resolve_references(raw)
+    config = validate_config(raw, str(path) if path else None, [*problems, *reference_problems], unresolved)
+    return resolve_paths(config)  # relative paths against this (the driver's) cwd, before any worker starts
+
+
+# ${env:NAME} / ${env:NAME,default} / ${dotted.key}; $${ is a literal ${.
+_REFERENCE = re.compile(r"\$\$\{|\$\{([^{}]*)\}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class _Unresolved(Exception):
+    """One reference that cannot be resolved; the message says why and how to fix it.
+
+    ``dependent``: it failed only because the key it references failed (reported there, not again);
+    ``cycle``: the references loop.
+    """
+
+    def __init__(self, message: str, dependent: bool = False, cycle: bool = False):
+        super().__init__(message)
+        self.dependent = dependent
+        self.cycle = cycle
+
+
+def resolve_references(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str], set[str]]:
+    """A copy of ``raw`` with every ``${...}`` in its string values resolved, one problem per bad one,
+    and the dotted keys left unresolved (including those that only reference a bad one).
+
+    ``${run.root}`` is the value of another key set in the same config (by the file or an override;
+    schema defaults are not visible), itself resolved first; ``${env:NAME}`` an environment variable of
+    the process that loads the config (the Ray job's driver), ``${env:NAME,default}`` with a fallback.
+    A string that is exactly one ``${key}`` takes the referenced value's type (a number stays a number).
+    """
+    problems: list[str] = []
+    unresolved: set[str] = set()
+
+    def lookup(dotted: str, chain: tuple[str, ...]) -> Any:
+        if dotted in chain:
+            cycle = " -> ".join(f"${{{key}}}" for key in (*chain[chain.index(dotted) :], dotted))
+            raise _Unresolved(
+                f"references form a cycle ({cycle}); give one of them a literal value",
+                dependent=dotted != chain[0],  # this key only leads into a cycle of others
+                cycle=True,
+            )
+        node: Any = raw
+        for part in dotted.split("."):
+            if isinstance(node, dict) and part in node and node[part] is not None:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                raise _Unresolved(
+                    f"${{{dotted}}} names no key set in this config; set {dotted} in the file or as an "
+                    f"override ({dotted}=...), or fix the name"
+                )
+        if isinstance(node, dict | list):
+            raise _Unresolved(f"${{{dotted}}} is a section, not a value; reference one of its keys")
+        try:
+            return resolve(node, (*chain, dotted))
+        except _Unresolved as error:
+            if error.cycle:
+                raise
+            raise _Unresolved(str(error), dependent=True) from None
+
+    def evaluate(expression: str, chain: tuple[str, ...]) -> Any:
+        expression = expression.strip()
+        kind, colon, rest = expression.partition(":")
+        if colon and kind.strip() == "env":
+            name, comma, default = rest.partition(",")
+            name = name.strip()
+            if not _ENV_NAME.fullmatch(name):
+                raise _Unresolved(f"${{{expression}}}: {name!r} is not an environment variable name")
+            if name in os.environ:
+                return os.environ[name]
+            if comma:
+                return default.strip()
+            raise _Unresolved(
+                f"environment variable {name} is not set; export {name}=... before running, or give a "
+                f"default: ${{env:{name},VALUE}}"
+            )
+        if colon:
+            raise _Unresolved(
+                f"${{{expression}}}: unknown resolver {kind.strip()!r}; use ${{env:NAME}}, "
+                "${env:NAME,default} or ${section.key}"
+            )
+        if not expression:
+            raise _Unresolved("empty ${}; write ${section.key} or ${env:NAME}")
+        return lookup(expression, chain)
+
+    def resolve(value: Any, chain: tuple[str, ...]) -> Any:
+        if not isinstance(value, str) or "${" not in value:
+            return value
+        whole = _REFERENCE.fullmatch(value)
+        if whole and whole.group(1) is not None:
+            return evaluate(whole.group(1), chain)
+
+        def substitute(match: re.Match[str]) -> str:
+            if match.group(1) is None:
+                return "${"
+            found = evaluate(match.group(1), chain)
+            return found if isinstance(found, str) else yaml.safe_dump(found).removesuffix("\n...\n").strip()
+
+        return _REFERENCE.sub(substitute, value)
+
+    def walk(node: Any, key: str) -> Any:
+        if isinstance(node, dict):
+            return {name: walk(item, f"{key}.{name}" if key else str(name)) for name, item in node.items()}
+        if isinstance(node, list):
+            return [walk(item, f"{key}.{index}") for index, item in enumerate(node)]
+        try:
+            return resolve(node, (key,))
+        except _Unresolved as error:
+            unresolved.add(key)
+            if not error.dependent:
+                problems.append(f"{key} = {node!r}: {error}")
+            return node
+
+    return walk(raw, ""), problems, unresolved
 
 
 def dump_config(config: LlavaRayConfig) -> str:

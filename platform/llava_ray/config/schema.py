@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from llava_ray.config.datasets import registered_sources
 from llava_ray.config.evaluation import EvaluateConfig
 from llava_ray.config.generation import GenerateConfig
 from llava_ray.config.presets import PRESETS
@@ -59,6 +60,11 @@ class Section(BaseModel):
 
 class RunConfig(Section):
     name: str = Field("llava-ray", description="Run name; a rerun with the same name resumes it.")
+    root: str | None = Field(
+        None,
+        description="Storage root (s3://bucket/prefix or a folder) that other keys reference as ${run.root}/...; "
+        "the shipped LLaVA-1.5 recipes take it from $LLAVA_ROOT, so one value moves all their paths.",
+    )
     storage_path: str = Field(
         "./llava_ray_runs",
         description="Where checkpoints and results go: a local folder or s3://bucket/prefix.",
@@ -144,6 +150,15 @@ class DataSource(Section):
 
 
 class DataConfig(Section):
+    dataset: str | list[str] | None = Field(
+        None,
+        description="Registered dataset name(s) (llava_ray/assets/datasets.yaml, e.g. llava-v1.5-mix665k) whose "
+        "files, under data.root, come first in data.sources.",
+    )
+    root: str | None = Field(
+        None,
+        description="Folder or s3:// prefix laid out as LLaVA's playground/data; data.dataset's paths are relative to it.",
+    )
     sources: list[DataSource] = Field(default_factory=list, description="Input data sources (LLaVA format).")
     template: TemplateName = Field(
         "vicuna_v1", description="Conversation template (stage default: plain for pretrain, vicuna_v1 after)."
@@ -179,6 +194,26 @@ class DataConfig(Section):
         "jpeg", description="How resized images are stored in shards (jpeg: compact; png: lossless)."
     )
     jpeg_quality: int = Field(95, ge=1, le=100, description="JPEG quality when image_format is jpeg.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_registered_datasets(cls, raw: Any) -> Any:
+        """data.dataset's files (under data.root) become the first data.sources.
+
+        A file already listed is not added again, so a dumped config validates back to itself.
+        """
+        if not isinstance(raw, dict) or not raw.get("dataset"):
+            return raw
+        names = [raw["dataset"]] if isinstance(raw["dataset"], str) else raw["dataset"]
+        sources = raw.get("sources") or []
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            return raw  # the field's own validation reports it
+        if not isinstance(sources, list):
+            return raw
+        root = raw.get("root") if isinstance(raw.get("root"), str) else None
+        listed = {source.get("path") for source in sources if isinstance(source, dict)}
+        added = [source for source in registered_sources(names, root) if source["path"] not in listed]
+        return {**raw, "sources": [*added, *sources]}
 
 
 class LoraConfig(Section):

@@ -13,7 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from llava_ray.config.loader import ConfigError, apply_overrides, describe_error, load_config
+from llava_ray.config.loader import ConfigError, apply_overrides, describe_error, load_config, read_yaml
+from llava_ray.config.paths import resolve_path
 from llava_ray.config.schema import LlavaRayConfig, Section
 
 DOMAIN_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -161,7 +162,7 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> tuple[SweepConfig
     every other key, for the base stage config of each trial.
     """
     path = Path(path)
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path)  # safe: no aliases, bounded size; errors are ConfigErrors
     sweep_overrides = [item.removeprefix("sweep.") for item in overrides if item.startswith("sweep.")]
     stage_overrides = [item for item in overrides if not item.startswith("sweep.")]
     raw_sweep, problems = apply_overrides(raw.get("sweep", raw), sweep_overrides)
@@ -175,6 +176,8 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> tuple[SweepConfig
     base_path = Path(sweep.base)
     base_path = base_path if base_path.is_absolute() or base_path.exists() else path.parent / base_path
     sweep = sweep.model_copy(update={"base": str(base_path)})
+    if sweep.storage_path:  # relative: against the driver's cwd, as the stage configs' paths (config.paths)
+        sweep = sweep.model_copy(update={"storage_path": resolve_path(sweep.storage_path, Path.cwd())})
     problems = []
     try:
         base = load_config(base_path, sweep.trial_overrides())

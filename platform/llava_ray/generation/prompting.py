@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from llava_ray.config.generation import ResponseType
+from llava_ray.utils.safe_yaml import load_yaml
 
 SHIPPED_PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 # Which types see the object lines; conversation sees the captions only (as in the paper).
@@ -74,7 +75,7 @@ def _load_prompt_file(path: Path, response_type: ResponseType) -> PromptSet:
     if not path.is_file():
         raise PromptError(f"{path} does not exist; copy the shipped {SHIPPED_PROMPTS_DIR / path.name}")
     try:
-        raw: Any = yaml.safe_load(path.read_text())
+        raw: Any = load_yaml(path.read_text())  # no aliases, bounded size (a yaml.YAMLError)
     except yaml.YAMLError as error:
         raise PromptError(f"{path} is not valid YAML: {error}") from None
     expected = "a mapping with 'system', 'examples' (context/response pairs)" + (
