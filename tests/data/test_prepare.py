@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import re
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +31,10 @@ from llava_ray.data.prepare import (
     decode_prepared_row,
     load_report,
     read_prepared,
+    remove_leftovers,
     run_prepare,
+    swap_by_renames,
+    swap_folders,
 )
 from llava_ray.data.report import (
     ReportBuilder,
@@ -568,6 +572,59 @@ def test_json_array_syntax_error_names_the_line(tmp_path: Path, make_config) -> 
         DataPathError, match=r"broken.json': not valid JSON at line 3 column 10 .*convert it to JSON lines"
     ):
         run_prepare(make_config([{"path": str(path)}], tmp_path / "out"))
+
+
+def test_a_json_object_instead_of_samples_fails_fast_naming_the_format(tmp_path: Path, make_config) -> None:
+    sample = {"id": "a", "conversations": turns("Hi?", "Hello.")}
+    (tmp_path / "pretty.json").write_text(json.dumps({"data": [sample]}, indent=2))
+    (tmp_path / "one-line.json").write_text(json.dumps({"info": "v1", "samples": [sample]}))
+    (tmp_path / "by-id.json.gz").write_bytes(gzip.compress(json.dumps({"a": sample}).encode()))
+    # Not objects: JSON lines whose first record is broken or not a sample stay per-record skips.
+    (tmp_path / "broken-first.jsonl").write_text(
+        '{"id": "a", "conversations": [\n' + json.dumps(sample) + "\n"
+    )
+    (tmp_path / "odd-first.jsonl").write_text('{"meta": [1, 2]}\n' + json.dumps(sample) + "\n")
+    names = ["pretty.json", "one-line.json", "by-id.json.gz", "broken-first.jsonl", "odd-first.jsonl"]
+    config = make_config([{"path": str(tmp_path / name)} for name in names], tmp_path / "out")
+    with pytest.raises(DataPathError, match=r"\(3 problem\(s\)\)") as error:
+        run_prepare(config)
+    message = str(error.value)
+    expected = "LLaVA data is a JSON array of samples .* or JSON lines \\(one sample object per line\\)"
+    for index, what in enumerate(
+        ["spread over several lines", "holding the samples under 'samples'", "mapping ids to samples"]
+    ):
+        assert re.search(
+            f"data.sources.{index}.path = .*: is one JSON object {what}, .*; {expected}", message
+        )
+    assert "data.sources.3" not in message and "data.sources.4" not in message
+    assert not (tmp_path / "out").exists()
+    lines = resolve_sources(make_config([{"path": str(tmp_path / name)} for name in names[3:]]).data)
+    assert [source.format for source in lines] == ["lines", "lines"]
+
+
+def test_a_finished_run_takes_the_output_folder_in_one_swap(tmp_path: Path) -> None:
+    """The local switch of prepare.publish: exchange (or the two-rename fallback), then the old one goes."""
+
+    def folder(name: str, marker: str) -> Path:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / REPORT_FILE).write_text(marker)
+        return tmp_path / name
+
+    output = folder("out", "old")
+    swap_folders(folder("out.partial-1", "new"), output)
+    assert (output / REPORT_FILE).read_text() == "new"
+    replaced = [tmp_path / "out.partial-1", tmp_path / "out.old-1"]
+    assert [(path / REPORT_FILE).read_text() for path in replaced if path.exists()] == ["old"]
+    folder("out.partial-0", "killed run")
+    remove_leftovers(output)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+
+    # Where the file system cannot exchange names: two renames, nothing lost in between.
+    swap_by_renames(folder("out.partial-2", "newer"), output, tmp_path / "out.old-2")
+    assert (output / REPORT_FILE).read_text() == "newer"
+    assert (tmp_path / "out.old-2" / REPORT_FILE).read_text() == "new"
+    remove_leftovers(output)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
 
 
 def test_output_location_problems_fail_fast(tmp_path: Path, make_config, synthetic: Path) -> None:

@@ -7,17 +7,30 @@ the server through AWS_ENDPOINT_URL (see conftest.py).
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 
-from llava_ray.config import ConfigError, LlavaRayConfig
-from llava_ray.data.prepare import REPORT_FILE, decode_prepared_row, read_prepared, run_prepare
+from llava_ray.config import ConfigError, LlavaRayConfig, dump_config
+from llava_ray.data.prepare import (
+    REPORT_FILE,
+    SHARDS_FOLDER_KEY,
+    decode_prepared_row,
+    load_report,
+    read_prepared,
+    run_prepare,
+    shards_location,
+)
 from llava_ray.data.samples import PreparedSample, SamplePreparer
 from llava_ray.data.synthetic import generate
+from llava_ray.training.stream import index_prepared
 from llava_ray.utils.storage import filesystem
 
 pytestmark = pytest.mark.integration
@@ -67,7 +80,15 @@ def test_shards_and_report_read_back_through_s3fs(
     fs, prefix = filesystem(config.data.prepared_path)
     fs.invalidate_cache()
     assert json.loads(fs.cat_file(f"{prefix}/{REPORT_FILE}")) == report
-    shards = sorted(path for path in fs.ls(prefix, detail=False) if path.endswith(".parquet"))
+    # The shards live in the version prefix report.json names, written last (no rename on S3).
+    assert report[SHARDS_FOLDER_KEY].startswith("v-")
+    assert sorted(fs.ls(prefix, detail=False)) == [
+        f"{prefix}/{REPORT_FILE}",
+        f"{prefix}/{report[SHARDS_FOLDER_KEY]}",
+    ]
+    _, shards_prefix = filesystem(shards_location(config.data.prepared_path))
+    assert shards_prefix == f"{prefix}/{report[SHARDS_FOLDER_KEY]}"
+    shards = sorted(path for path in fs.ls(shards_prefix, detail=False) if path.endswith(".parquet"))
     assert len(shards) == report["shards"] >= 1
     tables = []
     for shard in shards:
@@ -107,3 +128,57 @@ def test_missing_buckets_and_keys_fail_fast(s3_endpoint, s3_dataset, make_config
         ConfigError, match=r"image_root = 's3://no-such-images/root': the bucket does not exist"
     ):
         run_prepare(make_config([{**source[0], "image_root": "s3://no-such-images/root"}], tmp_path / "out"))
+
+
+def test_a_killed_rerun_on_s3_leaves_the_previous_version_and_the_next_run_replaces_it(
+    s3_run, s3_dataset: Path, make_config, tmp_path: Path
+) -> None:
+    """A real ``llava-ray prepare`` process rerunning into a finished prefix, SIGKILLed while it writes."""
+    config, report = s3_run
+    fs, prefix = filesystem(config.data.prepared_path)
+    fs.copy(f"{prefix}/", f"{OUT_BUCKET}/rerun/", recursive=True)  # a finished run of our own to rerun into
+    fs.invalidate_cache()
+    uri = f"s3://{OUT_BUCKET}/rerun"
+    report_bytes = fs.cat_file(f"{OUT_BUCKET}/rerun/{REPORT_FILE}")
+    rerun_config = make_config(
+        [{"path": f"s3://{DATA_BUCKET}/synthetic/stage2.json"}], uri, model_max_length=200
+    )
+    (tmp_path / "prepare.yaml").write_text(dump_config(rerun_config))
+    rerun = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("llava-ray")),
+            "prepare",
+            "--config",
+            str(tmp_path / "prepare.yaml"),
+        ],
+        # The session's cluster (and its S3 settings, inherited): the killed driver's actors end with it.
+        env={**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": ray.get_runtime_context().gcs_address},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert rerun.stdout is not None
+    lines = []
+    for line in rerun.stdout:  # prepare logs this line just before the write starts
+        lines.append(line)
+        if "[prepare] writing shards to " in line:
+            break
+    writing = rerun.poll() is None
+    rerun.kill()
+    lines += rerun.stdout.readlines()
+    rerun.wait()
+    assert writing, "".join(lines)[-4000:]
+    fs.invalidate_cache()
+    assert fs.cat_file(f"{OUT_BUCKET}/rerun/{REPORT_FILE}") == report_bytes
+    assert load_report(uri) == report
+    assert index_prepared(uri).rows["row"].size == report["written"]
+
+    rerun_report = run_prepare(rerun_config)
+    fs.invalidate_cache()
+    assert rerun_report[SHARDS_FOLDER_KEY] != report[SHARDS_FOLDER_KEY]
+    # The old version, and whatever the killed run left, are gone; the new one reads back whole.
+    assert sorted(fs.ls(f"{OUT_BUCKET}/rerun", detail=False)) == [
+        f"{OUT_BUCKET}/rerun/{REPORT_FILE}",
+        f"{OUT_BUCKET}/rerun/{rerun_report[SHARDS_FOLDER_KEY]}",
+    ]
+    assert index_prepared(uri).rows["row"].size == rerun_report["written"]

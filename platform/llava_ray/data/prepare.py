@@ -17,18 +17,27 @@ How it runs, in one streaming pass over the images:
    (:class:`llava_ray.data.samples.SamplePreparer`) and its row emitted ``copies`` times. Skips
    and written lengths go to a small report actor; nothing leaves a batch unaccounted for.
 4. Rows stream into parquet shards of about ``data.shard_size_mb`` in row groups of
-   :data:`ROW_GROUP_ROWS` rows; ``report.json`` is written
+   :data:`ROW_GROUP_ROWS` rows, written to a staging location; ``report.json`` is written
    last, so a folder without it is an unfinished run. The report must balance
    (``input == written + sum(skipped)``) and the shards must hold ``written`` rows, or the job fails.
+5. The finished run replaces the previous one at ``data.prepared_path`` in one atomic step (see
+   :func:`publish`): a run killed at any moment leaves the previous data whole and readable.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import glob
 import json
 import logging
+import os
 import posixpath
+import shutil
 import time
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -75,9 +84,14 @@ __all__ = [
     "load_report",
     "read_prepared",
     "run_prepare",
+    "shards_location",
 ]
 
 REPORT_FILE = "report.json"
+SHARDS_FOLDER_KEY = "shards_folder"  # in report.json on object stores: the version prefix of the shards
+VERSION_PREFIX = "v-"  # object stores: <prepared_path>/v-<run>/ holds one run's shards
+PARTIAL_SUFFIX = ".partial-"  # local: <prepared_path>.partial-<run> is a run being written
+OLD_SUFFIX = ".old-"  # local, without an atomic exchange: the replaced folder, deleted at once
 ROW_GROUP_ROWS = 64  # rows per parquet row group: about 2-3 MB of 336 px images, one ranged read
 ITEMS_PER_BLOCK = 64  # work items per input block: small blocks spread evenly over the actors
 BATCH_SIZE = 32  # samples per worker call: one report round trip and one concurrent image fetch each
@@ -176,7 +190,7 @@ def run_prepare(config: LlavaRayConfig, workers: int | None = None) -> dict[str,
             ["data.prepared_path is not set; set it to a folder or s3:// prefix for the shards"]
         )
     fs, path = filesystem(output)
-    previous, problems = inspect_output(fs, path, output)
+    problems = inspect_output(fs, path, output)
     try:
         sources = resolve_sources(config.data)
     except DataPathError as error:
@@ -184,23 +198,37 @@ def run_prepare(config: LlavaRayConfig, workers: int | None = None) -> dict[str,
     if problems:
         raise DataPathError(problems)
     pipeline = _build_pipeline(config, sources, workers)
-    remove_previous_output(fs, path, previous)
-    pipeline.dataset.write_parquet(
-        path,
-        filesystem=fs,
-        min_bytes_per_file=config.data.shard_size_mb * 2**20,
-        # Small row groups: a training rank reads just the groups holding its rows (training/stream.py).
-        row_group_size=ROW_GROUP_ROWS,
-        # Writing is I/O; holding no CPU lets the actor pool grow to every core.
-        ray_remote_args={"num_cpus": 0},
+    run_id = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+    staging = staging_path(fs, path, output, run_id)
+    fs.makedirs(staging, exist_ok=True)
+    logger.info(
+        f"[prepare] writing shards to {staging}; {output} keeps its previous data until they are done"
     )
-    shards, rows = count_shard_rows(fs, path)
-    report = pipeline.finish(time.perf_counter() - started, {"prepared_path": output, "shards": shards})
-    if rows != report["written"]:
-        raise RuntimeError(
-            f"the shards at {output} hold {rows} rows but the report counts {report['written']}"
+    try:
+        pipeline.dataset.write_parquet(
+            staging,
+            filesystem=fs,
+            min_bytes_per_file=config.data.shard_size_mb * 2**20,
+            # Small row groups: a training rank reads just the groups holding its rows (training/stream.py).
+            row_group_size=ROW_GROUP_ROWS,
+            # Writing is I/O; holding no CPU lets the actor pool grow to every core.
+            ray_remote_args={"num_cpus": 0},
         )
-    fs.pipe_file(posixpath.join(path, REPORT_FILE), (json.dumps(report, indent=1) + "\n").encode())
+        shards, rows = count_shard_rows(fs, staging)
+        extra = {"prepared_path": output, "shards": shards}
+        if is_remote(output) and shards:  # no shards, no version prefix: nothing to point at
+            extra[SHARDS_FOLDER_KEY] = posixpath.basename(staging)
+        report = pipeline.finish(time.perf_counter() - started, extra)
+        if rows != report["written"]:
+            raise RuntimeError(
+                f"the shards at {output} hold {rows} rows but the report counts {report['written']}"
+            )
+    except BaseException:
+        # A failed run leaves the previous data as it was; a killed one leaves its staging
+        # folder, which readers never look at and the next successful run deletes.
+        _remove_quietly(fs, staging)
+        raise
+    publish(fs, path, output, staging, report)
     logger.info(f"{format_summary(report)} -> {output}")
     return report
 
@@ -242,12 +270,12 @@ def read_prepared(uri: str) -> ray.data.Dataset:
     """The rows a finished ``prepare`` wrote at ``uri`` (local folder or ``s3://`` prefix), lazily.
 
     The one reader of prepared data, for training and tests alike. It refuses a folder without
-    ``report.json`` (an unfinished run) and reads only the parquet shards beside it.
+    ``report.json`` (an unfinished run) and reads only the parquet shards that report names.
     """
-    fs, path = filesystem(uri)
     report = load_report(uri)
     if report["written"] == 0:
         return ray.data.from_arrow(PREPARED_SCHEMA.empty_table())
+    fs, path = filesystem(shards_location(uri, report))
     return ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"])
 
 
@@ -264,39 +292,131 @@ def load_report(uri: str) -> dict[str, Any]:
         ) from None
 
 
-def inspect_output(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> tuple[list[str], list[str]]:
-    """(a previous run's files at ``path``, problems that make ``path`` unusable); changes nothing."""
+def shards_location(uri: str, report: dict[str, Any] | None = None) -> str:
+    """The folder or prefix holding the shards of the finished prepare at ``uri``.
+
+    ``uri`` itself for a local folder (and for object-store data written before versions); on
+    object stores the version folder ``report.json`` names. ``report``: the already loaded report.
+    """
+    report = load_report(uri) if report is None else report
+    folder = report.get(SHARDS_FOLDER_KEY)
+    return f"{uri.rstrip('/')}/{folder}" if folder else uri
+
+
+# ---- replacing a previous run's data atomically -------------------------------------------------
+#
+# Local (and any file system with rename): the run writes beside the output, into
+# ``<prepared_path>.partial-<run>``, report.json included, and the finished folder then takes the
+# output's place in one atomic exchange of the two names (Linux renameat2 RENAME_EXCHANGE). Where
+# the file system cannot exchange (NFS, non-Linux), two renames: old -> ``.old-<run>``, new -> the
+# output; for the microseconds between them the output folder is absent, never half written, and
+# both copies are whole on disk. Readers always see the old run's data or the new one's.
+#
+# Object stores have no rename: the shards go to a new version prefix ``<prepared_path>/v-<run>/``
+# and report.json, written last in one PUT, names it (``shards_folder``); readers follow it
+# (:func:`shards_location`). Only then are the previous version and any killed run's leftovers deleted.
+
+
+def staging_path(fs: fsspec.AbstractFileSystem, path: str, uri: str, run_id: str) -> str:
+    """Where this run writes before it replaces the output (see the comment above)."""
+    if is_remote(uri):
+        return posixpath.join(path, f"{VERSION_PREFIX}{run_id}")
+    return f"{path.rstrip('/')}{PARTIAL_SUFFIX}{run_id}"
+
+
+def publish(fs: fsspec.AbstractFileSystem, path: str, uri: str, staging: str, report: dict[str, Any]) -> None:
+    """Make ``staging``, with ``report``, the data at ``path`` in one step; then delete what it replaced."""
+    text = (json.dumps(report, indent=1) + "\n").encode()
+    if is_remote(uri):
+        fs.pipe_file(posixpath.join(path, REPORT_FILE), text)  # one PUT: the switch
+        keep = {REPORT_FILE, posixpath.basename(staging)}
+        for entry in fs.ls(path, detail=False):
+            if posixpath.basename(entry.rstrip("/")) not in keep:
+                fs.rm(entry, recursive=True)
+        fs.invalidate_cache(path)
+        return
+    staging_dir, output = Path(staging), Path(path)
+    (staging_dir / REPORT_FILE).write_bytes(text)
+    if output.exists() or output.is_symlink():
+        swap_folders(staging_dir, output)
+    else:
+        staging_dir.rename(output)
+    remove_leftovers(output)
+
+
+def swap_folders(new: Path, output: Path) -> None:
+    """Put ``new`` at ``output``; the replaced folder is left under a leftover name (``.partial-``/``.old-``)."""
+    if not exchange_paths(new, output):
+        run = new.name.rsplit(PARTIAL_SUFFIX, 1)[-1]
+        swap_by_renames(new, output, output.with_name(f"{output.name}{OLD_SUFFIX}{run}"))
+
+
+def swap_by_renames(new: Path, output: Path, old: Path) -> None:
+    """The fallback swap: ``output`` -> ``old``, then ``new`` -> ``output``."""
+    output.rename(old)
+    new.rename(output)
+
+
+def remove_leftovers(output: Path) -> None:
+    """Delete the folder a swap replaced and killed runs' staging folders: superseded now."""
+    for suffix in (PARTIAL_SUFFIX, OLD_SUFFIX):
+        for leftover in output.parent.glob(f"{glob.escape(output.name)}{suffix}*"):
+            if leftover.is_symlink():  # the output was a link to a folder: the link goes, not its target
+                leftover.unlink()
+            else:
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+_NO_EXCHANGE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV}
+
+
+def exchange_paths(first: Path, second: Path) -> bool:
+    """Atomically swap two paths' names (Linux renameat2); False where the file system cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in _NO_EXCHANGE:
+        return False
+    raise OSError(code, f"cannot exchange {first} and {second}: {os.strerror(code)}")
+
+
+def _remove_quietly(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    try:
+        fs.rm(path, recursive=True)
+    except Exception:  # nothing written yet, or the store is unreachable: the next run cleans up
+        logger.debug(f"could not remove {path}", exc_info=True)
+
+
+def inspect_output(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> list[str]:
+    """Problems that make ``path`` unusable as prepare's output (a previous run's is fine); changes nothing."""
     key = f"data.prepared_path = {uri!r}"
     try:
         if not fs.exists(path):
             if is_remote(uri) and not bucket_exists(fs, path):
                 raise FileNotFoundError(f"the bucket of {uri} does not exist")
-            return [], []
+            return []
         if not fs.isdir(path):
-            return [], [f"{key} is a file; point it at a folder or prefix"]
+            return [f"{key} is a file; point it at a folder or prefix"]
         entries = fs.ls(path, detail=False)
     except Exception as error:  # storage back ends raise many types; each becomes a problem line
-        return [], [f"{key}: {describe_access_error(error, uri)}"]
+        return [f"{key}: {describe_access_error(error, uri)}"]
     foreign = [posixpath.basename(entry.rstrip("/")) for entry in entries if not _is_prepare_output(entry)]
     if foreign:
-        return [], [
+        return [
             f"{key} holds files prepare did not write ({', '.join(foreign[:3])}); use an empty or new folder"
         ]
-    return entries, []
-
-
-def remove_previous_output(fs: fsspec.AbstractFileSystem, path: str, previous: list[str]) -> None:
-    """Delete a previous run's report, then its shards: a crash in between never looks finished."""
-    report = [entry for entry in previous if posixpath.basename(entry) == REPORT_FILE]
-    for group in (report, [entry for entry in previous if entry not in report]):
-        if group:
-            fs.rm(group)
-    fs.makedirs(path, exist_ok=True)
+    return []
 
 
 def _is_prepare_output(entry: str) -> bool:
     name = posixpath.basename(entry.rstrip("/"))
-    return name == REPORT_FILE or name.endswith(".parquet")
+    return name == REPORT_FILE or name.endswith(".parquet") or name.startswith(VERSION_PREFIX)
 
 
 def count_shard_rows(fs: fsspec.AbstractFileSystem, path: str) -> tuple[int, int]:

@@ -14,7 +14,7 @@ Failing fast versus skipping:
 
 - :func:`resolve_sources` raises :class:`DataPathError` (a :class:`ConfigError`: the CLI exits 2)
   naming every source that cannot be read at all (missing file or bucket, access denied, empty,
-  not JSON) and its fix, before anything else happens. A JSON array with a syntax error is
+  not JSON, one JSON object instead of an array of samples or JSON lines) and its fix, before anything else happens. A JSON array with a syntax error is
   reported the same way by the scan: past an error an array has no next element to resume at.
 - Everything else is per record and never stops the job. :class:`SourceScanner` yields a
   :class:`WorkItem` per usable record and a :class:`Skip` per record that is not a sample
@@ -50,6 +50,7 @@ from llava_ray.utils.storage import filesystem, is_remote
 SourceFormat = Literal["array", "lines"]
 
 _SNIFF_BYTES = 4096
+_FIRST_LINE_BYTES = 16 * 2**20  # a JSON lines sample is a few KiB; a longer first line is not one
 _READ_CHARS = 1 << 20
 
 
@@ -190,9 +191,14 @@ def _check_source_file(uri: str) -> tuple[SourceFormat | None, str | None]:
             return None, "is a folder; point it at a .json or .jsonl file"
         with _open_binary(fs, path) as stream:
             head = stream.read(_SNIFF_BYTES)
+        source_format, problem = sniff_format(head)
+        if source_format == "lines":
+            with _open_binary(fs, path) as stream:
+                first, second = stream.readline(_FIRST_LINE_BYTES), stream.readline(_SNIFF_BYTES)
+            problem = top_level_object_problem(first, second)
     except Exception as error:  # storage back ends raise many types; each becomes a problem line
         return None, describe_access_error(error, uri)
-    return sniff_format(head)
+    return (None, problem) if problem else (source_format, None)
 
 
 def sniff_format(head: bytes) -> tuple[SourceFormat | None, str | None]:
@@ -208,6 +214,56 @@ def sniff_format(head: bytes) -> tuple[SourceFormat | None, str | None]:
         f"is not JSON (it starts with {text[:20]!r}); LLaVA data is a JSON array of samples "
         "or JSON lines (one sample per line)"
     )
+
+
+def top_level_object_problem(first: bytes, second: bytes) -> str | None:
+    """Why a file starting with ``{`` is one JSON object, not JSON lines (None when it is JSON lines).
+
+    ``first`` and ``second``: its first two lines. A JSON lines record never continues on the next
+    line; a pretty-printed object opens on its first line and goes on with a ``"key": value`` member.
+    On one line, an object is told from a sample by holding the samples (a list of them, or a
+    mapping of ids to them) and no ``conversations`` of its own.
+    """
+    expected = (
+        'LLaVA data is a JSON array of samples ([{"id": ..., "conversations": [...]}, ...]) or JSON lines '
+        "(one sample object per line); write the samples out in one of those formats"
+    )
+    if len(first) >= _FIRST_LINE_BYTES and not first.endswith(b"\n"):
+        return f"its first line is over {_FIRST_LINE_BYTES >> 20} MiB, too long for one sample: one JSON object? {expected}"
+    line = first.removeprefix(codecs.BOM_UTF8).decode("utf-8", errors="replace").strip()
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError:
+        following = second.decode("utf-8", errors="replace").strip()
+        if line.endswith(("{", "[", ",")) and following and not _is_json(following):
+            return f"is one JSON object spread over several lines, not a JSON array or JSON lines; {expected}"
+        return None  # a malformed first record: skipped like any other
+    if isinstance(value, dict) and value and "conversations" not in value:
+        if _is_sample(next(iter(value.values()))):
+            return f"is one JSON object mapping ids to samples, not a JSON array or JSON lines; {expected}"
+        holder = next(
+            (
+                key
+                for key, member in value.items()
+                if isinstance(member, list) and member and _is_sample(member[0])
+            ),
+            None,
+        )
+        if holder is not None:
+            return f"is one JSON object holding the samples under {holder!r}, not a JSON array or JSON lines; {expected}"
+    return None
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
+def _is_sample(value: Any) -> bool:
+    return isinstance(value, dict) and "conversations" in value
 
 
 def _check_image_root(uri: str) -> str | None:

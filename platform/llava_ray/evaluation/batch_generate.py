@@ -153,9 +153,11 @@ def predict(
     if len(set(ids)) != len(ids):
         repeated = sorted({i for i in ids if ids.count(i) > 1})[:5]
         raise ValueError(f"item ids must be unique; repeated: {repeated}. Give every question its own id")
-    rows = item_rows(items)
+    # Items refused when loading (an image outside the image root) are never opened or asked.
+    refused = {item.id: item.refused for item in items if item.refused is not None}
+    rows = item_rows(item for item in items if item.refused is None)
     if not rows:
-        return {}
+        return refused
     ensure_logging()
     meter = _Progress(len(rows))
     outputs: list[dict[str, Any]] = []
@@ -169,6 +171,7 @@ def predict(
             rows, settings, batch_size, num_actors, num_cpus_per_actor, num_gpus_per_actor, meter
         )
     outcomes = {row["id"]: Outcome(row["prediction"], row["error"], row["detail"]) for row in outputs}
+    outcomes.update(refused)
     missing = set(ids) - set(outcomes)
     if missing:
         raise RuntimeError(f"{len(missing)} item(s) came back without an answer, e.g. {sorted(missing)[:5]}")

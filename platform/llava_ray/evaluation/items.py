@@ -13,8 +13,10 @@ beside them; ``llava-ray synth`` writes one (``eval.json``) and
      ...}                                         # anything else is kept as a field (question_type, subject)
 
 :func:`load_eval_items` turns it into :class:`EvalItem` (prompt conversation, resolved image
-location, fields). Items the model could not be asked (a missing image, a prompt too long) are
-reported by :func:`skip_report`, never dropped silently, and excluded from accuracies.
+location, fields). Image paths stay inside the image root, as in ``prepare``: an absolute path, a
+URL or ``..`` out of the root is never opened (``image_path_outside_root``). Items the model could
+not be asked (such an image, a missing one, a prompt too long) are reported by :func:`skip_report`,
+never dropped silently, and excluded from accuracies.
 """
 
 from __future__ import annotations
@@ -26,10 +28,20 @@ from pathlib import Path
 from typing import Any
 
 from llava_ray.conversation.tokenizer import IMAGE_TOKEN
-from llava_ray.utils.skips import SkipCounter
+from llava_ray.data.samples import resolve_image_path
+from llava_ray.utils.skips import SkipCounter, Skipped
 from llava_ray.utils.storage import is_remote, local_copy
 
 ITEM_KEYS = ("id", "image", "conversations")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The model's answer to one item, or the reason it has none."""
+
+    prediction: str | None
+    error: str | None = None
+    detail: str | None = None
 
 
 @dataclass(frozen=True)
@@ -40,20 +52,14 @@ class EvalItem:
     conversation: list[dict[str, Any]]
     image: str | None = None  # a path or URL, already resolved against the image root
     fields: dict[str, Any] = field(default_factory=dict)
+    refused: Outcome | None = (
+        None  # known when loading: the item cannot be asked (its image is outside the root)
+    )
 
     @property
     def question(self) -> str:
         """The last user turn's text, as shown in results."""
         return str(self.conversation[-1].get("value", ""))
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """The model's answer to one item, or the reason it has none."""
-
-    prediction: str | None
-    error: str | None = None
-    detail: str | None = None
 
 
 def read_records(path: str) -> list[dict[str, Any]]:
@@ -86,12 +92,21 @@ def default_image_root(data_path: str) -> str:
 
 
 def image_location(image: str, image_root: str) -> str:
-    """Where an item's image is: absolute paths and URLs as given, others under ``image_root``."""
-    if is_remote(image) or Path(image).is_absolute():
-        return image
-    if is_remote(image_root):
-        return f"{image_root.rstrip('/')}/{image}"
-    return str(Path(image_root) / image)
+    """Where an item's image is: ``image`` under ``image_root``.
+
+    The same guard as ``prepare``: an absolute path, a URL or a path climbing out of the root
+    raises :class:`Skipped` (``image_path_outside_root``); an evaluation file cannot make the job
+    read files it was not given.
+    """
+    return resolve_image_path(image_root.rstrip("/") if is_remote(image_root) else image_root, image)
+
+
+def locate_image(image: str, image_root: str) -> tuple[str, Outcome | None]:
+    """(:func:`image_location`, None), or (``image`` as given, the refusal) for an image outside the root."""
+    try:
+        return image_location(image, image_root), None
+    except Skipped as error:
+        return image, Outcome(None, error.reason, str(error))
 
 
 def prompt_turns(conversation: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -126,10 +141,10 @@ def load_eval_items(
                 "format (llava_ray.evaluation.items)"
             )
         image = record.get("image")
-        location = image_location(image, root) if image else None
+        location, refused = locate_image(str(image), root) if image else (None, None)
         turns = with_image_placeholder(prompt_turns(record["conversations"]), location is not None)
         fields = {key: value for key, value in record.items() if key not in ITEM_KEYS}
-        items.append(EvalItem(str(record["id"]), turns, location, fields))
+        items.append(EvalItem(str(record["id"]), turns, location, fields, refused))
     return items
 
 

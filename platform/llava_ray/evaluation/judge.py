@@ -52,7 +52,7 @@ from llava_ray.evaluation.items import (
     Outcome,
     base_row,
     default_image_root,
-    image_location,
+    locate_image,
     read_records,
     with_image_placeholder,
 )
@@ -99,7 +99,7 @@ def load_items(
     root = image_root or default_image_root(questions_path)
     items = []
     for question in load_questions(questions_path, context_path, limit):
-        location = image_location(question.image, root)
+        location, refused = locate_image(question.image, root)  # the image-root guard
         turns = with_image_placeholder([{"from": "human", "value": question.text}], True)
         fields = {
             "category": question.category_name,
@@ -108,7 +108,7 @@ def load_items(
             "rule_key": question.rule_key,
             "text": question.text,  # what the judge reads: the question without the model's <image>
         }
-        items.append(EvalItem(question.id, turns, location, fields))
+        items.append(EvalItem(question.id, turns, location, fields, refused))
     return items
 
 

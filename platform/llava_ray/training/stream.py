@@ -40,7 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from llava_ray.data.prepare import load_report
+from llava_ray.data.prepare import load_report, shards_location
 from llava_ray.utils.storage import filesystem, is_remote
 
 logger = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def _light_table(table: pa.Table) -> pd.DataFrame:
 def index_prepared(uri: str) -> PreparedIndex:
     """Index the shards a finished ``prepare`` wrote at ``uri`` (footers and light columns only)."""
     report = load_report(uri)  # refuses an unfinished prepare
-    fs, path = filesystem(uri)
+    fs, path = filesystem(shards_location(uri, report))
     files = sorted(entry for entry in fs.ls(path, detail=False) if entry.endswith(".parquet"))
 
     def scan(file: str) -> tuple[pd.DataFrame, list[int], list[int]]:
