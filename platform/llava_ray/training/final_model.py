@@ -10,6 +10,7 @@ projector allows.
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 FINAL_DIR = "final"
 HF_DIR = "hf"
+ADAPTER_DIR = "adapter"
 
 
 def final_model_uri(config: LlavaRayConfig) -> str:
@@ -81,18 +83,29 @@ def save_final_model(
     final = empty_copy(model, config)
     final.load_state_dict(state, assign=True, strict=True)
     merge_lora(final)
-    final = final.float()
     target = final_model_uri(config)
+    export_note = write_model_folder(final.float(), tokenizer, config.data.template, target)
+    logger.info(f"[train] final model written to {target}{export_note}")
+    return target
+
+
+def write_model_folder(
+    model: LlavaModel, tokenizer: Any, template: str | None, target: str, adapter_dir: Path | None = None
+) -> str:
+    """Write ``target`` (local or remote, replaced if there): the llava-ray folder and, where the projector
+    allows, its Hugging Face LLaVA export in ``hf/``; ``adapter_dir`` (a saved PEFT adapter) is copied to
+    ``adapter/``. Returns a note on the export for the log."""
     with tempfile.TemporaryDirectory(prefix="llava-ray-final-") as directory:
         local = Path(directory) / FINAL_DIR
-        final.save_pretrained(local, tokenizer=tokenizer, template=config.data.template)
+        model.save_pretrained(local, tokenizer=tokenizer, template=template)
         export_note = export_if_possible(local, local / HF_DIR)
+        if adapter_dir is not None:
+            shutil.copytree(adapter_dir, local / ADAPTER_DIR)
         fs, path = filesystem(target)
         if fs.exists(path):
             fs.rm(path, recursive=True)
         fs.put(str(local), path, recursive=True)
-    logger.info(f"[train] final model written to {target}{export_note}")
-    return target
+    return export_note
 
 
 def export_if_possible(model_dir: Path, out_dir: Path) -> str:

@@ -7,7 +7,6 @@ which is a barrier.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import tempfile
@@ -26,7 +25,8 @@ from llava_ray.config.schema import LlavaRayConfig
 from llava_ray.conversation.tokenizer import load_tokenizer
 from llava_ray.model.build import build_llava_model
 from llava_ray.model.llava import LlavaModel
-from llava_ray.tracking.mlflow_tracking import Tracker
+from llava_ray.tracking.mlflow_tracking import open_worker_tracker
+from llava_ray.training.checkpoint import read_checkpoint_files, write_checkpoint_files
 from llava_ray.training.collate import collate_rows
 from llava_ray.training.faults import maybe_inject_fault
 from llava_ray.training.final_model import save_final_model
@@ -48,9 +48,6 @@ from llava_ray.utils.compat import skip_deepspeed_cpu_shm_op
 from llava_ray.utils.logging import ensure_logging, setup_logging
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_TAG = "state"
-STATE_FILE = "train_state.json"
 
 
 @dataclass
@@ -74,11 +71,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     allow_tf32(config.train.tf32, device)
 
-    tracker = Tracker(
-        loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id") if rank == 0 else None
+    # Asynchronous and buffered: an MLflow outage costs one warning, never a step (a no-op off rank 0).
+    tracker = open_worker_tracker(
+        config, loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id") if rank == 0 else None
     )
     engine, model, tokenizer = setup_engine(config, world_size, device, total_steps)
     state = restore_checkpoint(engine, rank)
+    checkpoint_contents = {"run_config": loop_config["config"], "model": model, "tokenizer": tokenizer}
     units = ray.get(loop_config["units"])
     batches = micro_batches(
         config,
@@ -109,6 +108,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     flops = FlopsModel.of(model)
     accumulation = accumulation_steps(config, world_size)
     progress = ProgressMeter(total_steps, state.step, config.train.log_every_steps)
+    # A worker group restarted from the final checkpoint (a crash after it, e.g. while writing the final
+    # model) runs no step: it reports what that checkpoint recorded.
+    report: dict[str, Any] = {"step": state.step, "total_steps": total_steps}
     while state.step < total_steps:
         result = train_step(
             engine,
@@ -135,22 +137,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if validation.due(state.step):
             validated = validation.loss(engine, world_size, device)
             report |= validated
-            tracker.log_metrics(validated, step=state.step)
+            tracker.log_metrics(validated, step=state.step, flush=True)  # sent before Tune may stop the trial
             if rank == 0:
                 logger.info(f"[train] step {state.step}/{total_steps} val_loss {validated['val_loss']:.4f}")
         if rank == 0 and (line := progress.update(state.step, metrics)):
             logger.info(line)
         every = config.checkpoint.every_n_steps
         if state.step < total_steps and every and state.step % every == 0:
-            save_checkpoint(engine, state, rank, report)
+            save_checkpoint(engine, state, rank, world_size, report, checkpoint_contents)
         elif "val_loss" in report:  # a Tune sweep schedules trials on these
             ray.train.report(report)
         # Other steps report nothing to Ray: it takes one report per controller poll (every 2 s),
         # which would hold each step to that pace. Rank 0 has logged the metrics to MLflow already.
         maybe_inject_fault(config, rank, state.step)
-    save_checkpoint(engine, state, rank, report, final=True)
+    if state.resumed_from_step is None or state.step > state.resumed_from_step:
+        save_checkpoint(engine, state, rank, world_size, report, checkpoint_contents, final=True)
+    else:  # resumed from the final checkpoint: it is already the last one; report its metrics again
+        ray.train.report({**report, **summary_metrics(state), "final": True})
     if config.train.save_final_model:
         save_final_model(engine, model, tokenizer, config, rank)
+    tracker.close()  # flush the queued metrics (bounded wait); the unsendable go beside the checkpoints
 
 
 def setup_engine(
@@ -285,39 +291,53 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def summary_metrics(state: TrainState) -> dict[str, Any]:
+    return {
+        "loss_first": state.loss_first,
+        "loss_last": state.loss_last,
+        "resumed_from_step": state.resumed_from_step,
+    }
+
+
 def save_checkpoint(
-    engine: Any, state: TrainState, rank: int, report: dict[str, Any], final: bool = False
+    engine: Any,
+    state: TrainState,
+    rank: int,
+    world_size: int,
+    report: dict[str, Any],
+    contents: dict[str, Any],
+    final: bool = False,
 ) -> None:
-    """Every rank writes its ZeRO shard and RNG state; Ray merges them into one checkpoint.
+    """Every rank writes its ZeRO shard, RNG state and manifest; Ray merges them into one checkpoint.
 
     Ray registers the checkpoint only once every rank has reported it, so a checkpoint that a
-    crash interrupted is never the one a restart resumes from.
+    crash interrupted is never the one a restart resumes from; the manifests
+    (:mod:`llava_ray.training.checkpoint`) catch one damaged after that.
     """
+    metrics = {**report, **summary_metrics(state), "final": final}
     with tempfile.TemporaryDirectory(prefix="llava-ray-ckpt-") as directory:
-        engine.save_checkpoint(directory, tag=CHECKPOINT_TAG)
-        torch.save(rng_state(), Path(directory) / f"rng_rank{rank}.pt")
-        if rank == 0:
-            (Path(directory) / STATE_FILE).write_text(json.dumps(asdict(state)))
-        summary = {
-            "loss_first": state.loss_first,
-            "loss_last": state.loss_last,
-            "resumed_from_step": state.resumed_from_step,
-        }
-        ray.train.report(
-            {**report, **summary, "final": final},
-            checkpoint=ray.train.Checkpoint.from_directory(directory),
+        write_checkpoint_files(
+            engine,
+            Path(directory),
+            rank,
+            world_size,
+            asdict(state),
+            rng_state(),
+            metrics=metrics,
+            **contents,
         )
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
 def restore_checkpoint(engine: Any, rank: int) -> TrainState:
-    """Resume from the latest complete checkpoint of this run, if there is one."""
+    """Resume from the checkpoint Ray hands over (the driver chose the newest intact one), if any."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return TrainState()
     with checkpoint.as_directory() as directory:
-        engine.load_checkpoint(directory, tag=CHECKPOINT_TAG, load_module_strict=False)
-        set_rng_state(torch.load(Path(directory) / f"rng_rank{rank}.pt", weights_only=True))
-        state = TrainState(**json.loads((Path(directory) / STATE_FILE).read_text()))
+        saved, rng = read_checkpoint_files(engine, Path(directory), rank)
+    set_rng_state(rng)
+    state = TrainState(**saved)
     state.resumed_from_step = state.step
     if rank == 0:
         logger.info(f"[train] restored checkpoint at step {state.step}")
