@@ -311,10 +311,12 @@ def loss_log(config: LlavaRayConfig) -> list[tuple[float, int]]:
     """(wall-clock time, step) of every step rank 0 logged to MLflow for this run, in time order."""
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name(config.tracking.experiment)
-    runs = client.search_runs([experiment.experiment_id], f"attributes.run_name = '{config.run.name}'")
+    runs = client.search_runs(
+        [experiment.experiment_id], f"attributes.run_name = '{config.train.stage} {config.run.name}'"
+    )
     return sorted(
         (metric.timestamp / 1000, metric.step)
-        for metric in client.get_metric_history(runs[0].info.run_id, "loss")
+        for metric in client.get_metric_history(runs[0].info.run_id, "train/loss")
     )
 
 

@@ -320,11 +320,11 @@ def test_submitted_tiny_pretrain_job_trains_checkpoints_and_tracks(head: LocalHe
     assert (run_dir / "final" / "model.safetensors").exists()
     runs = MlflowClient(tracking).search_runs(
         [e.experiment_id for e in MlflowClient(tracking).search_experiments()],
-        "attributes.run_name = 'submitted'",
+        "attributes.run_name = 'pretrain submitted'",
     )
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.tags.get("ray.job_submission_id", "").startswith("raysubmit_")
-    assert len(MlflowClient(tracking).get_metric_history(runs[0].info.run_id, "loss")) == 4
+    assert len(MlflowClient(tracking).get_metric_history(runs[0].info.run_id, "train/loss")) == 4
 
 
 def test_submitted_job_with_a_bad_config_fails_with_the_validation_message(head: LocalHead) -> None:

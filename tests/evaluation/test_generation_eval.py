@@ -213,8 +213,8 @@ def test_synthetic_benchmark_end_to_end_with_mlflow(trained_model_dir, synthetic
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.tags["llava_ray.job"] == "evaluate"
-    assert run.data.metrics["accuracy"] == pytest.approx(summary["metrics"]["accuracy"])
-    assert "chance/color" in run.data.metrics
+    assert run.data.metrics["eval/accuracy"] == pytest.approx(summary["metrics"]["accuracy"])
+    assert "eval/chance/color" in run.data.metrics
     artifacts = {entry.path for entry in client.list_artifacts(run.info.run_id, "evaluation")}
     assert artifacts == {"evaluation/results.jsonl", "evaluation/summary.json"}
     assert "sk-never-logged" not in json.dumps(run.data.params)

@@ -89,7 +89,7 @@ def test_mlflow_has_the_sweep_with_one_child_run_per_trial(swept, local_mlflow_s
         row = swept.table.set_index("trial_id").loc[child.data.tags["llava_ray.trial_id"]]
         assert child.info.status == ("KILLED" if row["stopped_early"] else "FINISHED")
         # A stopped trial may log a little past the result Tune stopped it on; that result is in its history.
-        history = [metric.value for metric in client.get_metric_history(child.info.run_id, "val_loss")]
+        history = [metric.value for metric in client.get_metric_history(child.info.run_id, "eval/val_loss")]
         if row["status"] == "DONE":
             assert history[-1] == pytest.approx(row["last_val_loss"])
         else:

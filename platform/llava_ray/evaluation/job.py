@@ -116,7 +116,9 @@ def run_evaluate(
         return _evaluate(eval_config, seed)[0]
 
     tags = {"llava_ray.benchmark": eval_config.benchmark, "llava_ray.eval_model": str(eval_config.model)}
-    with tracked_run(root_config, "evaluate", parent_run_id, extra_tags=tags) as tracker:
+    # Named by what it evaluates: its output folder's name (the demo's before_stage2 / after_stage2).
+    label = f"evaluate {str(eval_config.output_dir).rstrip('/').rsplit('/', 1)[-1]}"
+    with tracked_run(root_config, "evaluate", parent_run_id, extra_tags=tags, label=label) as tracker:
         summary, files = _evaluate(eval_config, seed)
         tracker.log_metrics(metric_values(summary["metrics"]))
         for path in files:

@@ -11,7 +11,9 @@ object store, and runs :func:`llava_ray.training.worker.train_loop_per_worker` o
 
 from __future__ import annotations
 
+import json
 import logging
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,18 +24,31 @@ import ray
 import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
+from safetensors import SafetensorError
 
 from llava_ray.config.loader import ConfigError
-from llava_ray.config.schema import LlavaRayConfig
+from llava_ray.config.model_sources import build_vision_config
+from llava_ray.config.schema import LlavaRayConfig, ModelConfig
 from llava_ray.data.prepare import REPORT_FILE, build_prepare_pipeline, load_report
-from llava_ray.tracking.mlflow_tracking import Tracker, tracked_run
+from llava_ray.model.export import HF_PROJECTOR, is_hf_llava_dir
+from llava_ray.model.presets import build_lm_config
+from llava_ray.model.projector import build_projector
+from llava_ray.model.weights import CONFIG_FILE, load_weights, read_llava_ray_config, read_weights
+from llava_ray.tracking.mlflow_tracking import (
+    Tracker,
+    best_effort,
+    close_interrupted_attempt,
+    replay_unsent_metrics,
+    tracked_run,
+)
+from llava_ray.training.checkpoint import prepare_resume
 from llava_ray.training.final_model import HF_DIR, final_model_uri
 from llava_ray.training.schedule import Schedule, build_schedule
 from llava_ray.training.stream import PreparedIndex, Reads, index_blocks, index_prepared
 from llava_ray.training.validation import split_validation, validation_plan
 from llava_ray.training.worker import train_loop_per_worker
 from llava_ray.utils.logging import ensure_logging, verbose_logging
-from llava_ray.utils.storage import filesystem, is_remote, ray_storage
+from llava_ray.utils.storage import filesystem, is_remote, local_copy, ray_storage
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +84,66 @@ def train_problems(config: LlavaRayConfig) -> list[str]:
             "train.stage='finetune' without model.init_from or model.projector_weights: stage 2 starts from "
             "stage 1's projector; set model.init_from to the pretrain run's final folder"
         )
+    if config.model.projector_weights:
+        problems += _projector_weights_problems(config.model)
     return problems
+
+
+def _projector_weights_problems(model_config: ModelConfig) -> list[str]:
+    """``model.projector_weights`` read on the driver as the workers will, and fitted to the projector.
+
+    The same loader as the workers' (:func:`llava_ray.model.weights.read_weights`: safetensors, or a
+    ``.bin`` with ``weights_only=True``), so a missing, refused (pickled code) or mismatched file is
+    a problem before any data work, not an error in every worker minutes later.
+    """
+    path = model_config.projector_weights
+    key = f"model.projector_weights = {path!r}"
+    try:
+        state = read_weights(local_copy(path))
+    except FileNotFoundError:
+        return [f"{key}: no such file; point it at the reference's stage-1 mm_projector.bin"]
+    except (pickle.UnpicklingError, SafetensorError, RuntimeError, EOFError, OSError, ValueError) as error:
+        # weights_only refuses a pickle that holds code (UnpicklingError); a truncated or corrupt file
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return [
+            f"{key}: refused or unreadable ({type(error).__name__}: {reason[:200]}); it must be safetensors or a "
+            "tensors-only .bin (loaded with weights_only=True); re-save it with torch.save(state_dict) or as safetensors"
+        ]
+    marker = "mm_projector."
+    projector_state = {name.split(marker, 1)[1]: value for name, value in state.items() if marker in name}
+    if not projector_state:
+        found = ", ".join(sorted(state)[:8])
+        return [f"{key}: holds no '{marker}*' keys (found: {found}); point it at stage 1's mm_projector.bin"]
+    widths = _projector_widths(model_config)
+    if widths is None:  # init_from or pretrained parts this driver cannot read: the workers check the shapes
+        return []
+    projector_name, vision_width, lm_width = widths
+    try:
+        load_weights(build_projector(projector_name, vision_width, lm_width), projector_state, source=path)
+    except ValueError as error:
+        return [f"{key}: {error}"]
+    return []
+
+
+def _projector_widths(model_config: ModelConfig) -> tuple[str, int, int] | None:
+    """(projector, vision width, LM width) of the model the workers will build, when readable here."""
+    try:
+        if model_config.init_from:
+            folder = Path(local_copy(model_config.init_from))
+            if (folder / CONFIG_FILE).is_file():
+                record = read_llava_ray_config(folder)
+                vision, lm = record["vision_config"], record["lm_config"]
+                return record["projector"], vision["hidden_size"], lm["hidden_size"]
+            if is_hf_llava_dir(folder):
+                record = json.loads((folder / "config.json").read_text())
+                vision, lm = record["vision_config"], record["text_config"]
+                return HF_PROJECTOR, vision["hidden_size"], lm["hidden_size"]
+            return None
+        vision_width = build_vision_config(model_config).hidden_size
+        lm_width = build_lm_config(model_config, vocab_size=1).hidden_size
+    except (OSError, ValueError, KeyError):
+        return None
+    return model_config.projector, vision_width, lm_width
 
 
 def training_input(config: LlavaRayConfig) -> tuple[PreparedIndex, dict[str, Any], Any]:
@@ -126,27 +200,30 @@ def run_train(
     problems = train_problems(config)
     if problems:
         raise ConfigError(problems)
-    with tracked_run(
-        config, "train", parent_run_id, run_name=config.run.name, extra_tags=extra_tags
-    ) as tracker:
+    with tracked_run(config, "train", parent_run_id, extra_tags=extra_tags) as tracker:
         if not ray.is_initialized():
             ray.init()
         ensure_logging()
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True
         context.enable_progress_bars = False  # per-worker bars flood job logs; the progress line says it all
+        close_interrupted_attempt(config, tracker)  # a rerun resumes: the killed attempt's run ends KILLED
         prepared, report, keep_alive = training_input(config)
-        tracker.log_dict(report, "data_report.json")
+        tracker.log_dataset(report, config.data.prepared_path)
+        tracker.log_dict(report, "data_report.json")  # the driver's last MLflow call until training ends
         result = _fit(config, tracker, prepared, callbacks or [])
         del keep_alive  # the blocks of data prepared on the fly, read by the workers until here
-        tracker.log_loss_curve()
+        # Rank 0 logged every step; these are for the parent run's roll-up and what an outage held back.
+        last = result.metrics
+        tracker.remember({"loss": last.get("loss_last"), "val_loss": last.get("val_loss")})
+        replay_unsent_metrics(config, tracker)
         if not config.train.save_final_model:
             return result
-        tracker.set_tags({"llava_ray.final_model": result.final_model})
-        if not is_remote(result.final_model):
+        with best_effort("log the final model to MLflow"):
+            tracker.set_tags({"llava_ray.final_model": result.final_model})
             hf_export = Path(result.final_model) / HF_DIR
-            model_dir = hf_export if hf_export.exists() else Path(result.final_model)
-            tracker.log_model_dir(config, model_dir, result.final_model)
+            if not is_remote(result.final_model) and hf_export.exists():
+                tracker.log_model_dir(config, hf_export, result.final_model)
         return result
 
 
@@ -201,6 +278,11 @@ def _fit(
             logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose_logging() else "WARNING"),
         ),
     )
+    resume = prepare_resume(config.run.storage_path, config.run.name)
+    if note := resume.describe():
+        logger.log(
+            logging.WARNING if resume.corrupt or resume.snapshot_problem else logging.INFO, f"[train] {note}"
+        )
     result = trainer.fit()
     return TrainResult(
         run_name=config.run.name,

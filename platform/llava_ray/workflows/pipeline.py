@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
-from llava_ray.config.loader import ConfigError, describe_error, load_config
+from llava_ray.config.loader import ConfigError, describe_error, load_config, read_yaml
 from llava_ray.config.schema import LlavaRayConfig
 from llava_ray.config.workflow import PipelineConfig, PipelineJobs
 from llava_ray.data.prepare import load_report, run_prepare
@@ -57,7 +56,7 @@ def prepare_job(
 ) -> dict[str, Any]:
     """Run (or, with ``reuse``, reuse a finished) prepare, tracked as an MLflow run."""
     ensure_logging()
-    with tracked_run(config, "prepare", parent_run_id, run_name=f"{config.run.name}-prepare") as tracker:
+    with tracked_run(config, "prepare", parent_run_id, label=f"prepare {config.train.stage}") as tracker:
         report = None
         if reuse:
             try:
@@ -77,9 +76,7 @@ def prepare_job(
 def generate_job(config: LlavaRayConfig, parent_run_id: str | None = None) -> dict[str, Any]:
     """Instruction-data generation (``config.generate``), tracked as an MLflow run."""
     ensure_logging()
-    with tracked_run(
-        config, "generate-data", parent_run_id, run_name=f"{config.run.name}-generate"
-    ) as tracker:
+    with tracked_run(config, "generate-data", parent_run_id) as tracker:
         report = run_generate(config.generate, seed=config.run.seed)
         tracker.log_dict(report, "generation_report.json")
         tracker.log_metrics(report_counts(report))
@@ -97,7 +94,7 @@ def run_pipeline(
     """Generate instruction data (with ``generate``), prepare both stages' data, train stage 1, train
     stage 2 from it, then ``evaluate(model, parent)``."""
     ensure_logging()
-    with tracked_run(pretrain, "pipeline", run_name=name) as parent:
+    with tracked_run(pretrain, "pipeline", run_name=name, extra_tags={"llava_ray.pipeline": name}) as parent:
         outcome = PipelineResult(parent.run_id)
 
         def timed(stage: str, action: Callable[[], Any]) -> Any:
@@ -127,7 +124,7 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> PipelineJobs:
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"pipeline file {str(path)!r} does not exist; pass an existing YAML file"])
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path)  # safe: no aliases, bounded size; errors are ConfigErrors
     try:
         pipeline = PipelineConfig.model_validate(raw.get("pipeline", raw))
     except ValidationError as error:

@@ -174,6 +174,7 @@ def run_sweep(sweep: SweepConfig, base: LlavaRayConfig) -> SweepResult:
         base,
         "tune",
         run_name=sweep.name,
+        label="sweep",
         extra_tags={"llava_ray.sweep": sweep.name},
         resume_run_id=previous.get("parent_run_id"),
     ) as parent:
