@@ -2,25 +2,123 @@
 
 Each subcommand parses its arguments, validates the config before any work, and calls the
 package. A bad config exits with status 2 and one message listing every problem. Each handler
-imports its job's module when it runs (the one place lazy imports are the rule): ``--help`` and
-``validate`` do not pay for torch, Ray and MLflow.
+imports its job's module when it runs (the one place lazy imports are the rule): ``--help``,
+``--version``, ``validate``, ``presets`` and ``configs`` import neither torch nor Ray, MLflow or
+transformers (a test checks), so they answer in about a second.
+
+Every subcommand's ``--help`` gives a description and two examples (:data:`EXAMPLES`).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import platform
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import yaml
+
 from llava_ray.config import ConfigError, LlavaRayConfig, dump_config, load_config
+from llava_ray.config.catalog import KIND_COMMANDS, CatalogError, copy_config, find_config, shipped_configs
+from llava_ray.config.evaluation import BENCHMARKS
 from llava_ray.utils.logging import setup_logging
 
+# Two examples per subcommand, shown under its --help (a test parses each one with build_parser).
+EXAMPLES: dict[str, tuple[str, ...]] = {
+    "validate": (
+        "llava-ray validate --config jobs/configs/tiny/pretrain.yaml",
+        "llava-ray validate --config jobs/configs/llava-1.5-7b/finetune.yaml train.max_steps=100 scaling.num_workers=4",
+    ),
+    "configs": ("llava-ray configs list", "llava-ray configs copy tiny/pretrain my_pretrain.yaml"),
+    "configs list": ("llava-ray configs list", "llava-ray configs list --kind sweep"),
+    "configs show": (
+        "llava-ray configs show tiny/pretrain",
+        "llava-ray configs show sweeps/tiny/projector_lr",
+    ),
+    "configs copy": (
+        "llava-ray configs copy llava-1.5-7b/finetune_lora my_finetune.yaml",
+        "llava-ray configs copy tiny/pipeline my_pipeline/   # with the stage configs it names",
+    ),
+    "generate-data": (
+        "llava-ray generate-data --config jobs/configs/generate.yaml generate.limit=100",
+        "llava-ray generate-data --config jobs/configs/generate.yaml generate.base_url=http://127.0.0.1:8001/v1 generate.model=my-llm",
+    ),
+    "prepare": (
+        "llava-ray prepare --config jobs/configs/tiny/pretrain.yaml",
+        "llava-ray prepare --config jobs/configs/tiny/finetune.yaml data.prepare_workers=2 data.prepared_path=/tmp/prepared",
+    ),
+    "train": (
+        "llava-ray train --config jobs/configs/tiny/pretrain.yaml",
+        "llava-ray train --config jobs/configs/tiny/finetune.yaml train.max_steps=20 scaling.num_workers=1",
+    ),
+    "pipeline": (
+        "llava-ray pipeline --config jobs/configs/tiny/pipeline.yaml",
+        "llava-ray pipeline --config jobs/configs/llava-1.5-7b/pipeline.yaml train.max_steps=50",
+    ),
+    "tune": (
+        "llava-ray tune --config jobs/sweeps/tiny/projector_lr.yaml",
+        "llava-ray tune --config jobs/sweeps/tiny/projector_lr.yaml sweep.num_samples=2 train.max_steps=4",
+    ),
+    "evaluate": (
+        "llava-ray evaluate --model llava_ray_runs/tiny-finetune/final --benchmark synthetic --data data/synthetic/eval.json",
+        "llava-ray evaluate --config jobs/configs/scienceqa/zero_shot.yaml --model s3://BUCKET/runs/llava-1.5-7b-finetune/final evaluate.limit=100",
+    ),
+    "scienceqa-convert": (
+        "llava-ray scienceqa-convert --scienceqa-dir data/scienceqa --split test --out llava_test_CQM-A.json",
+        "llava-ray scienceqa-convert --scienceqa-dir data/scienceqa --split train --format QCM-LEA --out llava_train_QCM-LEA.json",
+    ),
+    "scienceqa-ensemble": (
+        "llava-ray scienceqa-ensemble --config jobs/configs/scienceqa/evaluate.yaml",
+        "llava-ray scienceqa-ensemble --config jobs/configs/scienceqa/evaluate.yaml evaluate.scienceqa_ensemble.model=gpt-4o evaluate.scienceqa_ensemble.shots=0",
+    ),
+    "reference-answers": (
+        "llava-ray reference-answers --config bench.yaml evaluate.reference.model=gpt-4o",
+        "llava-ray reference-answers --config bench.yaml evaluate.data_path=questions.jsonl evaluate.context=caps_boxes.jsonl evaluate.reference_answers=answers_reference.jsonl",
+    ),
+    "serve": (
+        "llava-ray serve --model llava_ray_runs/tiny-finetune/final",
+        "llava-ray serve --config jobs/configs/llava-1.5-7b/serve.yaml --print-config",
+    ),
+    "export": (
+        "llava-ray export --from llava_ray_runs/tiny-finetune --out exported/tiny",
+        "llava-ray export --from llava_ray_runs/tiny-finetune-lora --out exported/tiny-lora --lora adapter",
+    ),
+    "synth": (
+        "llava-ray synth --out data/synthetic",
+        "llava-ray synth --out /tmp/synth --samples 40 --seed 1",
+    ),
+    "presets": (
+        "llava-ray presets",
+        "llava-ray validate --config jobs/configs/tiny/pretrain.yaml model.preset=llava-1.5-7b",
+    ),
+    "demo": ("llava-ray demo", "llava-ray demo --workdir /tmp/demo --samples 400 train.max_steps=3"),
+    "build-tokenizer": (
+        "llava-ray build-tokenizer --out /tmp/tiny_tokenizer",
+        "llava-ray build-tokenizer --out platform/llava_ray/assets/tiny-tokenizer   # replace the shipped one",
+    ),
+}
+TOP_LEVEL_EXAMPLES = (
+    "llava-ray configs list",
+    "llava-ray demo --workdir demo_run",
+)
+HELP_WIDTH = 92
 
-def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML config file")
+
+def _add_config_arguments(
+    parser: argparse.ArgumentParser, overrides_help: str, config_required: bool = True
+) -> None:
+    if config_required:
+        parser.add_argument("--config", required=True, help="YAML config file")
+    else:
+        parser.add_argument("--config", help="YAML config file (default: the built-in defaults)")
     parser.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.max_steps=10"
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help=f"{overrides_help} (values parse as YAML)",
     )
 
 
@@ -29,8 +127,10 @@ def _config(args: argparse.Namespace) -> LlavaRayConfig:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """Print the resolved config (every default spelled out)."""
-    print(dump_config(_config(args)), end="")
+    """Print the resolved config (every default spelled out; credentials in URLs as ***)."""
+    from llava_ray.utils.redact import redact_urls
+
+    print(redact_urls(dump_config(_config(args))), end="")
     return 0
 
 
@@ -97,9 +197,52 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from llava_ray.evaluation.job import run_evaluate
 
-    config = _config(args)
+    config = _evaluate_config(args)
     run_evaluate(config.evaluate, config)
     return 0
+
+
+# What a benchmark reads besides the model and its questions (--data): without a config file these
+# come from overrides, and `evaluate --model --benchmark --data` alone says which are missing.
+BENCHMARK_EXTRA_INPUTS: dict[str, tuple[str, ...]] = {
+    "llava_bench": ("reference_answers", "context", "judge.model"),
+}
+
+
+def _evaluate_config(args: argparse.Namespace) -> LlavaRayConfig:
+    """``--config`` (or the defaults) with overrides, then ``--model``/``--benchmark``/``--data`` on top."""
+    flags = {"model": args.model, "benchmark": args.benchmark, "data_path": args.data}
+    # As overrides: validated and path-resolved like any other, and applied after the file's values.
+    flag_overrides = [
+        f"evaluate.{key}={_yaml_value(value)}" for key, value in flags.items() if value is not None
+    ]
+    config = load_config(args.config, [*args.overrides, *flag_overrides])
+    if args.config is None:
+        evaluate = config.evaluate
+        missing = [
+            f"evaluate.{key}"
+            for key in BENCHMARK_EXTRA_INPUTS.get(evaluate.benchmark, ())
+            if _dotted(evaluate, key) is None
+        ]
+        if missing:
+            raise ConfigError(
+                [
+                    f"--benchmark {evaluate.benchmark} needs more than --data: set {', '.join(missing)} "
+                    "(as key=value overrides, or in a --config file's evaluate section)"
+                ]
+            )
+    return config
+
+
+def _yaml_value(value: str) -> str:
+    """``value`` as YAML that parses back to the same string (a path like ``123`` or ``on`` stays text)."""
+    return yaml.safe_dump(value, default_flow_style=True, width=1_000_000).removesuffix("\n...\n").strip()
+
+
+def _dotted(section: Any, key: str) -> Any:
+    for part in key.split("."):
+        section = getattr(section, part)
+    return section
 
 
 def cmd_scienceqa_convert(args: argparse.Namespace) -> int:
@@ -146,8 +289,6 @@ def cmd_reference_answers(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import yaml
-
     from llava_ray.serving.run import run_serve, serve_deploy_config
 
     overrides = list(args.overrides)
@@ -170,6 +311,48 @@ def cmd_synth(args: argparse.Namespace) -> int:
         f"wrote {manifest['samples']} training and {manifest['eval_samples']} evaluation images with "
         f"stage-1, stage-2, eval and COCO-style files to {args.out}"
     )
+    return 0
+
+
+def cmd_configs_list(args: argparse.Namespace) -> int:
+    entries = [entry for entry in shipped_configs() if args.kind in (None, entry.kind)]
+    name_width = max(len("NAME"), *(len(entry.name) for entry in entries))
+    kind_width = max(len("KIND"), *(len(entry.kind_label) for entry in entries))
+    print(f"{'NAME':{name_width}}  {'KIND':{kind_width}}  DESCRIPTION")
+    for entry in entries:
+        print(f"{entry.name:{name_width}}  {entry.kind_label:{kind_width}}  {entry.description}")
+    commands = ", ".join(f"{kind}: llava-ray {command}" for kind, command in KIND_COMMANDS.items())
+    print(
+        "\nllava-ray configs show NAME prints one; llava-ray configs copy NAME DEST writes it (with the YAMLs it "
+        f"names) to edit.\nRun a copy with --config FILE ({commands})."
+    )
+    return 0
+
+
+def cmd_configs_show(args: argparse.Namespace) -> int:
+    print(find_config(args.name).text, end="")
+    return 0
+
+
+def cmd_configs_copy(args: argparse.Namespace) -> int:
+    entry = find_config(args.name)
+    written = copy_config(args.name, args.dest, force=args.force)
+    named = f" and the YAMLs it names ({', '.join(str(path) for path in written[1:])})" if written[1:] else ""
+    print(f"copied {entry.name} to {written[0]}{named}")
+    print(f"run it: {entry.command} {written[0]}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from llava_ray.training.checkpoint import CheckpointError
+    from llava_ray.workflows.export import run_export
+
+    try:
+        result = run_export(args.source, args.out, lora=args.lora)
+    except (ValueError, FileNotFoundError, CheckpointError) as error:  # nothing was exported: say why, exit 2
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(result.lines())
     return 0
 
 
@@ -197,10 +380,44 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def version_text() -> str:
+    """``llava-ray <version>`` and the versions of its main dependencies, read from package metadata
+    (nothing is imported)."""
+
+    def installed(distribution: str) -> str | None:
+        try:
+            return importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    stack = ", ".join(
+        f"{label} {found}"
+        for label, distribution in (("Ray", "ray"), ("torch", "torch"), ("transformers", "transformers"))
+        if (found := installed(distribution))
+    )
+    return f"llava-ray {installed('llava-ray') or 'unknown (not installed)'} ({stack}, Python {platform.python_version()})"
+
+
+def _help_page(description: str, examples: Sequence[str]) -> dict[str, Any]:
+    """A parser's description and epilog: the description wrapped, two examples kept as written."""
+    return {
+        "description": textwrap.fill(description, HELP_WIDTH),
+        "epilog": "examples:\n" + "\n".join(f"  {example}" for example in examples),
+        "formatter_class": argparse.RawDescriptionHelpFormatter,
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="llava-ray", description="Train LLaVA-style vision-language assistants on Ray."
+        prog="llava-ray",
+        **_help_page(
+            "Train LLaVA-style vision-language assistants on Ray: data preparation with Ray Data, "
+            "training with Ray Train + DeepSpeed, sweeps with Ray Tune, evaluation, serving with Ray "
+            "Serve, tracking with MLflow. Run llava-ray COMMAND --help for a command's options and examples.",
+            TOP_LEVEL_EXAMPLES,
+        ),
     )
+    parser.add_argument("--version", action="version", version=version_text())
     parser.add_argument(
         "--verbose",
         action="store_true",
@@ -209,51 +426,138 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(
-        name: str, handler: Callable[[argparse.Namespace], int], help_text: str
+        name: str,
+        handler: Callable[[argparse.Namespace], int] | None,
+        help_text: str,
+        details: str = "",
+        group: argparse._SubParsersAction | None = None,
     ) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.set_defaults(handler=handler)
+        description = f"{help_text[0].upper()}{help_text[1:]}." + (f" {details}" if details else "")
+        examples = EXAMPLES[name if group is None else f"configs {name}"]
+        sub = (group or commands).add_parser(name, help=help_text, **_help_page(description, examples))
+        if handler is not None:
+            sub.set_defaults(handler=handler)
         return sub
 
-    _add_config_arguments(add("validate", cmd_validate, "validate a config and print it resolved"))
+    _add_config_arguments(
+        add(
+            "validate",
+            cmd_validate,
+            "check a config and print it resolved, every default spelled out",
+            "Every problem (unknown keys, bad values, sections that disagree) is listed at once, exit status 2.",
+        ),
+        "dotted overrides checked together with the file, e.g. train.max_steps=10",
+    )
+
+    configs = add(
+        "configs",
+        None,
+        "list, show or copy the configs and sweeps llava-ray ships",
+        "They are package data, so this works from any install; copy one to edit it.",
+    )
+    configs_commands = configs.add_subparsers(dest="configs_command", required=True, metavar="ACTION")
+    configs_list = add(
+        "list",
+        cmd_configs_list,
+        "list the shipped configs and sweeps: name, kind, what each is for",
+        group=configs_commands,
+    )
+    configs_list.add_argument("--kind", choices=list(KIND_COMMANDS), help="only this kind")
+    configs_show = add("show", cmd_configs_show, "print a shipped config's YAML", group=configs_commands)
+    configs_show.add_argument("name", help="a name from llava-ray configs list, e.g. tiny/pretrain")
+    configs_copy = add(
+        "copy",
+        cmd_configs_copy,
+        "write a shipped config to a file to edit",
+        "A pipeline or a sweep comes with the YAMLs it names (its stage configs, its base config), "
+        "written next to it and pointed at; nothing is overwritten without --force.",
+        group=configs_commands,
+    )
+    configs_copy.add_argument("name", help="a name from llava-ray configs list, e.g. tiny/pretrain")
+    configs_copy.add_argument(
+        "dest", help="file to write, or an existing folder (ending in /) to write NAME's file into"
+    )
+    configs_copy.add_argument("--force", action="store_true", help="overwrite files that exist")
+
     _add_config_arguments(
         add(
             "generate-data",
             cmd_generate_data,
             "generate instruction data from COCO-style annotations with an LLM",
-        )
+            "Conversations, detailed descriptions and complex reasoning as in LLaVA-Instruct (section generate).",
+        ),
+        "generate settings, e.g. generate.limit=100 generate.model=gpt-4o",
     )
     _add_config_arguments(
-        add("prepare", cmd_prepare, "preprocess LLaVA data into parquet shards with Ray Data")
+        add(
+            "prepare",
+            cmd_prepare,
+            "preprocess a stage's LLaVA data into parquet shards with Ray Data",
+            "Writes the shards and report.json (samples kept, skipped by reason) to data.prepared_path.",
+        ),
+        "data settings for this run, e.g. data.prepared_path=DIR data.prepare_workers=4",
     )
     _add_config_arguments(
-        add("train", cmd_train, "train one stage (pretrain or finetune) on Ray Train + DeepSpeed")
+        add(
+            "train",
+            cmd_train,
+            "train one stage (pretrain or finetune) on Ray Train + DeepSpeed",
+            "Prepares the data first when data.prepared_path holds none; tracked in MLflow.",
+        ),
+        "training settings, e.g. train.max_steps=20 train.learning_rate=2e-5 scaling.num_workers=4",
     )
     pipeline = add(
         "pipeline",
         cmd_pipeline,
-        "the LLaVA recipe as one job: [generate-data] -> prepare -> pretrain -> finetune -> [evaluate]",
+        "run the LLaVA recipe as one job: [generate-data] -> prepare -> pretrain -> finetune -> [evaluate]",
+        "One MLflow parent run with a child per stage.",
     )
-    pipeline.add_argument("--config", required=True, help="pipeline YAML (see jobs/configs/*/pipeline.yaml)")
     pipeline.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="dotted overrides for both training stages"
+        "--config", required=True, help="pipeline YAML (see llava-ray configs list --kind pipeline)"
+    )
+    pipeline.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides for both training stages, e.g. train.max_steps=5",
     )
     tune = add(
-        "tune", cmd_tune, "sweep stage-job settings (projector, learning rate, ...) with Ray Tune and ASHA"
+        "tune",
+        cmd_tune,
+        "sweep stage-job settings (projector, learning rate, ...) with Ray Tune and ASHA",
+        "Every value the sweep can give a key is validated before the first trial starts.",
     )
-    tune.add_argument("--config", required=True, help="sweep YAML (see jobs/sweeps/)")
+    tune.add_argument("--config", required=True, help="sweep YAML (see llava-ray configs list --kind sweep)")
     tune.add_argument(
         "overrides",
         nargs="*",
         metavar="key=value",
         help="sweep.<key>=value for the sweep file (sweep.num_samples=4), any other key for every trial's stage config",
     )
+    evaluate = add(
+        "evaluate",
+        cmd_evaluate,
+        "evaluate a model: synthetic exact match, ScienceQA, LLM-judged LLaVA-Bench",
+        "Give a config file with an evaluate section, or just --model, --benchmark and --data (everything "
+        "else at its default); the flags override the file. Results go to evaluate.output_dir and MLflow.",
+    )
     _add_config_arguments(
-        add(
-            "evaluate",
-            cmd_evaluate,
-            "evaluate a model: synthetic exact match, ScienceQA, LLM-judged LLaVA-Bench",
-        )
+        evaluate,
+        "evaluate settings, e.g. evaluate.limit=20 evaluate.num_actors=0 evaluate.output_dir=DIR",
+        config_required=False,
+    )
+    evaluate.add_argument("--model", help="model folder or s3:// URL: a run's final/ (sets evaluate.model)")
+    evaluate.add_argument(
+        "--benchmark",
+        type=lambda name: name.replace("-", "_"),
+        choices=BENCHMARKS,
+        metavar="NAME",
+        help=f"{', '.join(BENCHMARKS)} (llava-bench works too; sets evaluate.benchmark)",
+    )
+    evaluate.add_argument(
+        "--data",
+        help="the benchmark's questions: eval.json, scienceqa-convert's output, or LLaVA-Bench "
+        "questions.jsonl (sets evaluate.data_path)",
     )
     sqa_convert = add(
         "scienceqa-convert",
@@ -281,24 +585,27 @@ def build_parser() -> argparse.ArgumentParser:
             "scienceqa-ensemble",
             cmd_scienceqa_ensemble,
             "ScienceQA with a text-only LLM as judge: its answers, a requery where it and the model disagree",
-        )
+            "Reads a scienceqa evaluate run's results.jsonl (the paper's GPT-4 ensemble).",
+        ),
+        "evaluate.scienceqa_ensemble settings, e.g. evaluate.scienceqa_ensemble.model=gpt-4o",
     )
     _add_config_arguments(
         add(
             "reference-answers",
             cmd_reference_answers,
             "write LLaVA-Bench reference answers with a text-only LLM given each image's context",
-        )
+        ),
+        "evaluate.reference settings and the files, e.g. evaluate.reference.model=gpt-4o evaluate.context=FILE",
     )
-    # `chat` has its own parser (llava_ray.evaluation.chat); listed here for --help.
-    commands.add_parser(
-        "chat", help="chat with a model in the terminal: chat --model DIR [--image PATH] [--system TEXT]"
-    )
+    # `chat` has its own parser (llava_ray.evaluation.chat, which main() hands the arguments to);
+    # listed here for the top-level --help.
+    commands.add_parser("chat", help="chat with a model in the terminal, streaming its answers (chat --help)")
 
     serve_parser = add(
         "serve",
         cmd_serve,
         "serve a model with Ray Serve: OpenAI-compatible /v1/chat/completions and a web chat page",
+        "Runs until Ctrl-C on this machine, or as a Ray job on a cluster (jobs/serve.py).",
     )
     serve_parser.add_argument("--model", help="model folder or s3:// URL: a run's final/ (or final/hf)")
     serve_parser.add_argument("--config", help="YAML config with a serve section (default: the defaults)")
@@ -307,24 +614,60 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument(
         "--print-config",
         action="store_true",
-        help="print the Serve config (for `serve deploy` or a RayService's serveConfigV2) and exit",
+        help="print the Serve config (for serve deploy or a RayService's serveConfigV2) and exit",
     )
     serve_parser.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. serve.max_batch_size=16"
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="serve settings, e.g. serve.max_batch_size=16 serve.num_replicas=2",
+    )
+
+    export = add(
+        "export",
+        cmd_export,
+        "export a run's checkpoint as a model folder and a Hugging Face LLaVA folder",
+        "From a run folder (its newest intact checkpoint) or one of its checkpoint_* folders, local or s3://; "
+        "LoRA adapters merged into the language model, or kept as a PEFT adapter.",
+    )
+    export.add_argument(
+        "--from",
+        dest="source",
+        metavar="RUN_OR_CHECKPOINT",
+        required=True,
+        help="run folder ({run.storage_path}/{run.name}) or one of its checkpoint_* folders",
+    )
+    export.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    export.add_argument(
+        "--lora",
+        choices=("merge", "adapter"),
+        default="merge",
+        help="merge: LoRA weights folded into the LM (default); adapter: the base model plus a PEFT adapter",
     )
 
     synth = add(
-        "synth", cmd_synth, "write the synthetic dataset (images, LLaVA JSON, COCO-style annotations)"
+        "synth",
+        cmd_synth,
+        "write the synthetic dataset (images, LLaVA JSON, COCO-style annotations)",
+        "Coloured shapes with captions, questions and a held-out split: what the demo and the tests train on.",
     )
     synth.add_argument("--out", required=True, help="output folder")
     synth.add_argument("--samples", type=int, default=200, help="training images (default 200)")
     synth.add_argument("--eval-samples", type=int, default=None, help="held-out images (default samples/5)")
     synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
-    add("presets", cmd_presets, "list the model presets")
+    add(
+        "presets",
+        cmd_presets,
+        "list the model presets",
+        "A preset names a vision tower and a language model (model.preset).",
+    )
 
     demo = add(
-        "demo", cmd_demo, "run the embedded default pipeline on synthetic data (what `make demo` runs)"
+        "demo",
+        cmd_demo,
+        "run the embedded default pipeline on synthetic data (what make demo runs)",
+        "Synthetic data, both stages on a local Ray cluster, evaluation; a summary at the end.",
     )
     demo.add_argument(
         "--workdir", default="demo_run", help="where data, runs and summary go (default demo_run)"
@@ -340,9 +683,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="dotted overrides for both stages, e.g. train.max_steps=3 for a quick check",
     )
 
-    tokenizer = add("build-tokenizer", cmd_build_tokenizer, "retrain the tiny preset's tokenizer")
+    tokenizer = add(
+        "build-tokenizer",
+        cmd_build_tokenizer,
+        "retrain the tiny preset's tokenizer",
+        "A byte-level BPE trained on the synthetic corpus (the package ships the result).",
+    )
     tokenizer.add_argument("--out", required=True, help="output folder")
     return parser
+
+
+def _error_text(error: Exception) -> str:
+    """What ``main`` prints for an error that stops a command before any work: one line per problem,
+    a single problem on one line (a YAML parser's multi-line message flattened)."""
+    if isinstance(error, ConfigError):
+        problems = [" ".join(problem.split()) for problem in error.problems]
+        header = str(error).partition("\n")[0]  # "invalid config in FILE (N problem(s)):"
+        if len(problems) == 1:
+            return f"{header.rpartition(' (')[0] or 'invalid config'}: {problems[0]}"
+        return "\n".join([header, *(f"  - {problem}" for problem in problems)])
+    if isinstance(error, yaml.YAMLError):
+        return f"not valid YAML: {' '.join(str(error).split())}"
+    return " ".join(str(error).split()) if "\n" in str(error) else str(error)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -359,8 +721,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose)
     try:
         return args.handler(args)
-    except (ConfigError, TrackingUnavailable) as error:  # nothing was done: say why, exit 2
-        print(f"error: {error}", file=sys.stderr)
+    except (ConfigError, CatalogError, TrackingUnavailable, yaml.YAMLError) as error:
+        print(f"error: {_error_text(error)}", file=sys.stderr)  # nothing was done: say why, exit 2
         return 2
 
 

@@ -474,7 +474,19 @@ def _device() -> str:
 
 def chat_main(argv: Sequence[str] | None = None) -> int:
     """``llava-ray chat`` / ``python -m llava_ray.evaluation.chat`` arguments -> :func:`run_chat`."""
-    parser = argparse.ArgumentParser(prog="llava-ray chat", description=__doc__.splitlines()[0])
+    # Plain text for the terminal: the docstring's in-chat commands, none of its reST markup.
+    commands = [line.strip() for line in __doc__.splitlines() if line.startswith("    /")]
+    parser = argparse.ArgumentParser(
+        prog="llava-ray chat",
+        description="Talk to a trained model in the terminal; its answers stream token by token. Each turn\n"
+        "sees the whole conversation, rendered with the model's own template as in training.",
+        epilog="commands, typed instead of a message:\n"
+        + "\n".join(f"  {command}" for command in commands)
+        + "\n\nexamples:\n"
+        "  llava-ray chat --model llava_ray_runs/tiny-finetune/final --image data/synthetic/images/eval_000000.png\n"
+        "  echo 'What colour is the shape?' | llava-ray chat --model final/hf --image photo.png --temperature 0",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
         "--model", required=True, help="llava-ray or Hugging Face LLaVA model folder, or s3:// URL"
     )

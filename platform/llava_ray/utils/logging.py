@@ -11,8 +11,11 @@ decides what reaches the console:
 - In a training worker (``rank`` given) only rank 0 logs at INFO; other ranks log warnings only,
   unless ``verbose``.
 - Unless ``verbose``: Ray's, Ray Data's, Ray Train's, Ray Tune's, DeepSpeed's, transformers' and
-  MLflow's loggers at WARNING, Ray Train's per-report "Reporting training result" lines off, and
-  torch's FutureWarnings about the collectives DeepSpeed ZeRO-3 calls every step filtered out.
+  MLflow's loggers at WARNING, Ray Train's per-report "Reporting training result" lines off,
+  torch's FutureWarnings about the collectives DeepSpeed ZeRO-3 calls every step filtered out, and
+  transformers' warnings that torchvision is not installed dropped: without it transformers falls
+  back to its PIL image processors, which is what llava-ray uses anyway (its own preprocessing,
+  ``data/images.py``); ``--verbose`` shows them.
 
 The CLI calls it with ``--verbose``; the training driver passes :func:`verbose_logging` on to the
 workers, which call it with their rank.
@@ -23,6 +26,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import sys
 import warnings
 
@@ -46,7 +50,27 @@ RAY_DATA_PROGRESS_LOGGER = "ray.data._internal.progress"
 RAY_TRAIN_REPORT_MODULE = "ray.train.v2._internal.execution.context"
 # torch 2.13 deprecates the collectives DeepSpeed's ZeRO-3 calls twice per step (hundreds per run).
 COLLECTIVE_DEPRECATIONS = r"`torch\.distributed\.\S+` is (deprecated|a private function)"
+# transformers 5 without torchvision: "`CLIPImageProcessor` requires torchvision (not installed);
+# falling back to `CLIPImageProcessorPil` ..." (on first use of such a class name) and "Requested
+# torchvision backend is not available. Falling back to pil backend." (AutoImageProcessor).
+TORCHVISION_FALLBACK_LOGGERS = (
+    "transformers.utils.import_utils",
+    "transformers.models.auto.image_processing_auto",
+)
+TORCHVISION_FALLBACK = re.compile(
+    r"requires torchvision \(not installed\)|torchvision backend is not available"
+)
 _HANDLER_NAME = "llava_ray.console"
+
+
+class _DropTorchvisionFallback(logging.Filter):
+    """Drops transformers' notes that it uses a PIL image processor because torchvision is missing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not TORCHVISION_FALLBACK.search(record.getMessage())
+
+
+_TORCHVISION_FILTER = _DropTorchvisionFallback()
 
 
 def setup_logging(verbose: bool = False, rank: int | None = None) -> logging.Logger:
@@ -92,6 +116,11 @@ def quiet_third_party() -> None:
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(level)
     logging.getLogger(RAY_DATA_PROGRESS_LOGGER).setLevel(logging.INFO if verbose_logging() else logging.ERROR)
+    for name in TORCHVISION_FALLBACK_LOGGERS:  # logger filters see the records logged on that logger
+        if verbose_logging():
+            logging.getLogger(name).removeFilter(_TORCHVISION_FILTER)
+        else:
+            logging.getLogger(name).addFilter(_TORCHVISION_FILTER)
     if "transformers" in sys.modules:  # its save/load progress bars ("Writing model shards")
         from transformers.utils import logging as transformers_logging
 
