@@ -527,18 +527,44 @@ def trained(tokenizer):
     return model.eval()
 
 
+class StepTokens:
+    """A streamer keeping each decoding step's new tokens (one per row); the first put is the prompt."""
+
+    def __init__(self):
+        self.puts: list[torch.Tensor] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts.append(value)
+
+    def end(self) -> None:
+        pass
+
+
 def test_generation_stops_at_the_end_marker_and_strips_it(trained, tokenizer):
-    steps = []
-    hook = trained.language_model.register_forward_hook(lambda *_: steps.append(1))
+    forwards, streamer = [], StepTokens()
+    hook = trained.language_model.register_forward_hook(lambda *_: forwards.append(1))
     try:
         answers = generate(
-            trained, tokenizer, "vicuna_v1", [(QUESTION, pixels(1)[0]), (TEXT_QUESTION, None)], 40
+            trained,
+            tokenizer,
+            "vicuna_v1",
+            [(QUESTION, pixels(1)[0]), (TEXT_QUESTION, None)],
+            40,
+            streamer=streamer,
         )
     finally:
         hook.remove()
     assert answers == [ANSWER, TEXT_ANSWER]
-    # One forward per new token: decoding stopped at </s>, far before max_new_tokens.
-    assert len(steps) == len(tokenizer.encode(f" {ANSWER}</s>", add_special_tokens=False))
+    # Decoding stopped at the step where the last row's text reached </s>, far before max_new_tokens,
+    # with one forward per step. Which tokens spell an answer (" A red square.</s>" is 5 tokens, or
+    # the same text in more pieces, or with spaces before </s>) follows the memorised model's rounding,
+    # which differs between CPUs and builds: counting the tokens of one spelling was the flaky part.
+    rows = torch.stack(streamer.puts[1:], dim=1)  # (rows, steps)
+    ends = [
+        next(k for k in range(1, rows.shape[1] + 1) if "</s>" in tokenizer.decode(row[:k].tolist()))
+        for row in rows
+    ]
+    assert len(forwards) == rows.shape[1] == max(ends) < 40
 
 
 def test_batched_greedy_generation_equals_one_at_a_time(trained, tokenizer):
