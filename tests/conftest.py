@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import ray
 import torch
+import torch.distributed as dist
 
 from llava_ray.config.model_sources import tower_input
 from llava_ray.config.schema import ModelConfig
@@ -335,3 +336,37 @@ def trained_model_dir(tmp_path_factory, tokenizer, synthetic_eval_dir) -> Path:
     out = tmp_path_factory.mktemp("model")
     model.eval().save_pretrained(out, tokenizer, template=TEMPLATE)
     return out
+
+
+@pytest.fixture(scope="session")
+def process_group(tmp_path_factory):
+    """A one-process gloo group, as Ray Train sets up for each worker (DeepSpeed needs one).
+
+    Session-scoped: DeepSpeed caches the group, so a second group in the same process would not be its
+    own; whichever module starts it first stops it at the end of the session."""
+    started = not dist.is_initialized()
+    with (
+        pytest.MonkeyPatch.context() as patch
+    ):  # what a launcher sets; DeepSpeed reads it (Ray Train sets its own)
+        for key, value in {
+            "LOCAL_RANK": "0",
+            "RANK": "0",
+            "WORLD_SIZE": "1",
+            "LOCAL_WORLD_SIZE": "1",
+        }.items():
+            patch.setenv(key, value)
+        if started:
+            store = tmp_path_factory.mktemp("process-group") / "store"
+            dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+        yield
+        if started:
+            dist.destroy_process_group()
+
+
+# The longest test file first: under `make test`'s two integration processes (--dist loadfile) it then
+# runs beside the others instead of alone at the end.
+FIRST_FILES = ("test_readme.py",)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.path.name not in FIRST_FILES)  # stable: the rest keep their order

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from ray.train import CheckpointConfig
 from ray.train.v2._internal.exceptions import CheckpointManagerInitializationError
 from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import (
@@ -56,31 +55,6 @@ from llava_ray.utils.compat import skip_deepspeed_cpu_shm_op
 CPU = torch.device("cpu")
 TINY_TOWER = tower_input(build_vision_config(ModelConfig(preset="tiny")))
 RUN = "run"
-
-
-@pytest.fixture(scope="session")
-def process_group(tmp_path_factory):
-    """A one-process gloo group, as Ray Train sets up for each worker (DeepSpeed needs one).
-
-    Session-scoped: DeepSpeed caches the group, so a second group in the same process would not be its
-    own; whichever module starts it first stops it at the end of the session."""
-    started = not dist.is_initialized()
-    with (
-        pytest.MonkeyPatch.context() as patch
-    ):  # what a launcher sets; DeepSpeed reads it (Ray Train sets its own)
-        for key, value in {
-            "LOCAL_RANK": "0",
-            "RANK": "0",
-            "WORLD_SIZE": "1",
-            "LOCAL_WORLD_SIZE": "1",
-        }.items():
-            patch.setenv(key, value)
-        if started:
-            store = tmp_path_factory.mktemp("process-group") / "store"
-            dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-        yield
-        if started:
-            dist.destroy_process_group()
 
 
 def tiny_config(zero_stage: int = 2, trainable: str = "full"):

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from peft import PeftModel
 from PIL import Image
 from transformers import LlavaForConditionalGeneration
@@ -42,31 +41,6 @@ TINY = ModelConfig(preset="tiny")
 TINY_TOWER = tower_input(build_vision_config(TINY))
 POSITIONS = 16
 CHECKPOINT = "checkpoint_2026-01-01_00-00-01.000001"
-
-
-@pytest.fixture(scope="session")
-def process_group(tmp_path_factory):
-    """A one-process gloo group, as Ray Train sets up for each worker (DeepSpeed needs one).
-
-    Session-scoped: DeepSpeed caches the group, so a second group in the same process would not be its
-    own; whichever module starts it first stops it at the end of the session."""
-    started = not dist.is_initialized()
-    with (
-        pytest.MonkeyPatch.context() as patch
-    ):  # what a launcher sets; DeepSpeed reads it (Ray Train sets its own)
-        for key, value in {
-            "LOCAL_RANK": "0",
-            "RANK": "0",
-            "WORLD_SIZE": "1",
-            "LOCAL_WORLD_SIZE": "1",
-        }.items():
-            patch.setenv(key, value)
-        if started:
-            store = tmp_path_factory.mktemp("process-group") / "store"
-            dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-        yield
-        if started:
-            dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

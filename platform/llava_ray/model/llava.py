@@ -239,11 +239,10 @@ class LlavaModel(nn.Module):
         return out_dir
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, dtype: torch.dtype | None = None) -> LlavaModel:
-        """Rebuild a model written by :meth:`save_pretrained` (a local folder or an ``s3://`` URL)."""
-        model_dir = Path(local_copy(str(model_dir)))
-        record = read_llava_ray_config(model_dir)
-        model = cls(
+    def from_record(cls, record: dict) -> LlavaModel:
+        """The architecture a ``config.json`` record of :meth:`save_pretrained` describes, at random
+        (under ``torch.device("meta")``: weightless)."""
+        return cls(
             vision_tower=AutoModel.from_config(config_from_dict(record["vision_config"])),
             language_model=AutoModelForCausalLM.from_config(config_from_dict(record["lm_config"])),
             projector=record["projector"],
@@ -253,6 +252,12 @@ class LlavaModel(nn.Module):
             template=record.get("template"),
             tokenization=record.get("tokenization", "joined"),  # folders saved before it was recorded: joined
         )
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, dtype: torch.dtype | None = None) -> LlavaModel:
+        """Rebuild a model written by :meth:`save_pretrained` (a local folder or an ``s3://`` URL)."""
+        model_dir = Path(local_copy(str(model_dir)))
+        model = cls.from_record(read_llava_ray_config(model_dir))
         load_weights(model, read_weights(model_dir / WEIGHTS_FILE), source=str(model_dir))
         return model if dtype is None else model.to(dtype)
 

@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from llava_ray.config.schema import LlavaRayConfig
 from llava_ray.model.llava import LlavaModel
-from llava_ray.model.weights import config_from_dict, read_llava_ray_config
+from llava_ray.model.weights import read_llava_ray_config
 from llava_ray.training.checkpoint import (
     CHECKPOINT_TAG,
     MODEL_DIR,
@@ -177,18 +177,8 @@ def resolve_checkpoint(source: str) -> tuple[str, int | None]:
 
 def empty_model(model_dir: Path) -> LlavaModel:
     """A weightless (meta) model of the architecture a checkpoint's ``model/`` records."""
-    record = read_llava_ray_config(model_dir)
     with torch.device("meta"):
-        return LlavaModel(
-            vision_tower=AutoModel.from_config(config_from_dict(record["vision_config"])),
-            language_model=AutoModelForCausalLM.from_config(config_from_dict(record["lm_config"])),
-            projector=record["projector"],
-            image_token_id=record["image_token_id"],
-            vision_select_layer=record["vision_select_layer"],
-            vision_select_feature=record["vision_select_feature"],
-            template=record.get("template"),
-            tokenization=record.get("tokenization", "joined"),
-        )
+        return LlavaModel.from_record(read_llava_ray_config(model_dir))
 
 
 def consolidated_state_dict(checkpoint_dir: Path, zero_stage: int) -> dict[str, torch.Tensor]:
