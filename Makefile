@@ -40,11 +40,14 @@ browser:
 		echo "installing Chromium (Debian package) for the chat page's browser test"; \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
 
-# Unit tests run in two processes (each single-threaded: both cores busy); integration tests, which start
-# Ray clusters using both cores, run after them in one. Exit status 5 is "no test selected" (PYTEST_ARGS).
+# Unit tests run in two processes (each single-threaded: both cores busy). Integration tests run after
+# them in two processes too, a test file per process at a time (--dist loadfile keeps a module's shared
+# Ray runs together); much of their time is spent waiting on servers and clusters starting, so two
+# streams finish far sooner than one (tests/conftest.py puts the longest file, the README test,
+# first). Exit status 5 is "no test selected" (PYTEST_ARGS).
 test: install browser
 	$(BIN)/python -m pytest -m "not integration" -n 2 $(PYTEST_ARGS) || [ $$? -eq 5 ]
-	$(BIN)/python -m pytest -m integration $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(BIN)/python -m pytest -m integration -n 2 --dist loadfile $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not integration" -n 2 $(PYTEST_ARGS)
