@@ -114,6 +114,10 @@ def test_installed_package_runs_the_demo_from_another_directory(installed, insta
     assert "--samples" in run([cli, "demo", "--help"], tmp_path, 120)
     page = "import importlib.resources as r; print(r.files('llava_ray.serving').joinpath('static/chat.html').is_file())"
     assert run([python, "-c", page], tmp_path, 120).strip() == "True", "the chat page is in the wheel"
+    # The shipped configs are package data: listed and copied from the wheel, outside any checkout.
+    assert "tiny/pretrain" in run([cli, "configs", "list"], tmp_path, 120)
+    run([cli, "configs", "copy", "tiny/pipeline", f"{tmp_path / 'mine'}/"], tmp_path, 120)
+    assert (tmp_path / "mine" / "pipeline.yaml").is_file() and (tmp_path / "mine" / "pretrain.yaml").is_file()
     workdir, summary = installed_demo
     assert set(summary["stages"]) >= {
         "prepare-pretrain",
