@@ -324,3 +324,18 @@ def test_the_torchvision_fallback_note_shows_only_with_verbose(tmp_path):
     quiet, _, verbose = done.stderr.partition("--- verbose ---")
     assert "torchvision" not in quiet, quiet
     assert "`SiglipImageProcessor` requires torchvision (not installed)" in verbose
+
+
+def test_a_config_error_never_prints_credentials_from_a_url(capsys):
+    code = main(
+        [
+            "validate",
+            "--config",
+            str(REPO / "jobs/configs/tiny/pretrain.yaml"),
+            # A URL where a number belongs: the error echoes the value it refuses.
+            "train.learning_rate=http://alice:s3cret@judge.example:8000/v1?token=abc123",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "train.learning_rate" in err and "judge.example" in err
+    assert "s3cret" not in err and "abc123" not in err

@@ -25,6 +25,7 @@ from llava_ray.config import ConfigError, LlavaRayConfig, dump_config, load_conf
 from llava_ray.config.catalog import KIND_COMMANDS, CatalogError, copy_config, find_config, shipped_configs
 from llava_ray.config.evaluation import BENCHMARKS
 from llava_ray.utils.logging import setup_logging
+from llava_ray.utils.redact import redact_urls
 
 # Two examples per subcommand, shown under its --help (a test parses each one with build_parser).
 EXAMPLES: dict[str, tuple[str, ...]] = {
@@ -128,8 +129,6 @@ def _config(args: argparse.Namespace) -> LlavaRayConfig:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """Print the resolved config (every default spelled out; credentials in URLs as ***)."""
-    from llava_ray.utils.redact import redact_urls
-
     print(redact_urls(dump_config(_config(args))), end="")
     return 0
 
@@ -722,7 +721,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (ConfigError, CatalogError, TrackingUnavailable, yaml.YAMLError) as error:
-        print(f"error: {_error_text(error)}", file=sys.stderr)  # nothing was done: say why, exit 2
+        # nothing was done: say why (credentials in any URL it echoes as ***), exit 2
+        print(f"error: {redact_urls(_error_text(error))}", file=sys.stderr)
         return 2
 
 
