@@ -43,8 +43,7 @@ browser:
 # Unit tests run in two processes (each single-threaded: both cores busy). Integration tests run after
 # them in two processes too, a test file per process at a time (--dist loadfile keeps a module's shared
 # Ray runs together); much of their time is spent waiting on servers and clusters starting, so two
-# streams finish far sooner than one (tests/conftest.py puts the longest file, the README test,
-# first). Exit status 5 is "no test selected" (PYTEST_ARGS).
+# streams finish far sooner than one. Exit status 5 is "no test selected" (PYTEST_ARGS).
 test: install browser
 	$(BIN)/python -m pytest -m "not integration" -n 2 $(PYTEST_ARGS) || [ $$? -eq 5 ]
 	$(BIN)/python -m pytest -m integration -n 2 --dist loadfile $(PYTEST_ARGS) || [ $$? -eq 5 ]

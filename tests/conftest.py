@@ -361,12 +361,3 @@ def process_group(tmp_path_factory):
         yield
         if started:
             dist.destroy_process_group()
-
-
-# The longest test file first: under `make test`'s two integration processes (--dist loadfile) it then
-# runs beside the others instead of alone at the end.
-FIRST_FILES = ("test_readme.py",)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: item.path.name not in FIRST_FILES)  # stable: the rest keep their order
