@@ -50,7 +50,9 @@ def swept(sweep_inputs):
 
 def test_asha_stops_a_weak_trial_and_the_table_says_so(swept):
     table = swept.table
-    assert len(table) == 4 and set(table["status"]) <= {"DONE", "STOPPED"}
+    assert len(table) == 4 and set(table["status"]) <= {"DONE", "STOPPED"}, table[
+        ["trial_id", "status", "step", "error"]
+    ].to_string()
     assert table["stopped_early"].sum() >= 1, table.to_string()
     assert set(zip(table["model.projector"], table["train.learning_rate"], strict=True)) == {
         (projector, lr) for projector in ("linear", "mlp2x_gelu") for lr in (1e-3, 1e-6)

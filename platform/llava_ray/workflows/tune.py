@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -315,11 +316,19 @@ def results_table(grid: Any, sweep: SweepConfig) -> pd.DataFrame:
                 f"best_{metric}": (
                     float(values.min() if sweep.mode == "min" else values.max()) if len(values) else None
                 ),
-                "error": str(result.error).splitlines()[0][:200] if result.error else "",
+                "error": error_summary(result.error) if result.error else "",
             }
         )
     table = pd.DataFrame(rows)
     return table.sort_values(f"best_{sweep.metric}", ascending=sweep.mode == "min", na_position="last")
+
+
+def error_summary(error: BaseException) -> str:
+    """The line of a trial's error that names what went wrong: a trial's error is Ray's wrapper
+    (``ray::ImplicitFunc.train() (pid=..., ip=...)``, then the traceback), so the last exception line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    named = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt|Exit)\b", line)]
+    return ((named or lines or [type(error).__name__])[-1])[:300]
 
 
 def format_table(table: pd.DataFrame, sweep: SweepConfig) -> str:
