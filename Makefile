@@ -41,12 +41,13 @@ browser:
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
 
 # Unit tests run in two processes (each single-threaded: both cores busy). Integration tests run after
-# them in two processes too, a test file per process at a time (--dist loadfile keeps a module's shared
-# Ray runs together); much of their time is spent waiting on servers and clusters starting, so two
-# streams finish far sooner than one. Exit status 5 is "no test selected" (PYTEST_ARGS).
+# them in one: each starts Ray clusters, Ray Train worker groups and servers that already use both
+# cores, and two at once on a 2-core CI machine took 61 min where one took about 25 (a README command
+# also joins whichever `ray start` cluster another test has up, as Ray's auto-connect does).
+# Exit status 5 is "no test selected" (PYTEST_ARGS).
 test: install browser
 	$(BIN)/python -m pytest -m "not integration" -n 2 $(PYTEST_ARGS) || [ $$? -eq 5 ]
-	$(BIN)/python -m pytest -m integration -n 2 --dist loadfile $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(BIN)/python -m pytest -m integration $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not integration" -n 2 $(PYTEST_ARGS)

@@ -163,17 +163,21 @@ def test_readme_commands_run_as_typed_in_a_fresh_clone_and_from_another_director
         lines = [line for line in block if not line.startswith(SKIPPED)]
         if not lines:
             continue
+        started = time.monotonic()
         if any(line.startswith("cd ") or " cd " in line for line in lines):
             run("\n".join(lines), clone, env)  # a block that changes directory runs as one script
             ran += lines
+            print(f"{time.monotonic() - started:6.1f} s  {' && '.join(lines)}")
             continue
         for line in lines:
+            started = time.monotonic()
             if line.startswith("llava-ray serve"):
                 reply = serve_and_ask(line, clone, env, tmp_path / "serve.log", get_free_port())
                 assert reply["choices"][0]["message"]["role"] == "assistant"
             else:
                 run(line, clone, env, stdin=CHAT_INPUT if line.startswith("llava-ray chat") else None)
             ran.append(line)
+            print(f"{time.monotonic() - started:6.1f} s  {line}")  # where the time goes (pytest -s)
     # Stage 1's model is where the README says, in the clone, and stage 2 started from it.
     final = clone / "llava_ray_runs" / "tiny-pretrain" / "final"
     assert (final / "model.safetensors").is_file()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import os
 import platform
 import sys
 import textwrap
@@ -706,9 +707,18 @@ def _error_text(error: Exception) -> str:
     return " ".join(str(error).split()) if "\n" in str(error) else str(error)
 
 
+# A local Ray started by a command lives as long as the command: its idle pooled workers may live
+# as long too. Ray otherwise retires them 10 s into their idleness, mid-job, and now and then such
+# a retiring worker aborts with a "Mutex corrupt ... Fatal Python error" dump (docs/data.md). A
+# cluster's own setting (`ray start`'s environment) is untouched: this reaches only a Ray that this
+# process starts.
+IDLE_WORKER_THRESHOLD = ("RAY_idle_worker_killing_time_threshold_ms", str(60 * 60 * 1000))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from llava_ray.tracking.mlflow_tracking import TrackingUnavailable
 
+    os.environ.setdefault(*IDLE_WORKER_THRESHOLD)
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = argv[:1] == ["--verbose"]
     if argv[verbose : verbose + 1] == ["chat"]:

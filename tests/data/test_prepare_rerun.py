@@ -1,8 +1,8 @@
 """Rerunning prepare into a finished folder: real ``llava-ray prepare`` processes, one of them SIGKILLed.
 
 The previous run's data stays whole and readable until the new run's data replaces it in one
-step (``prepare.publish``), and a standalone run (its own Ray instance, as a user runs it) ends
-without a crash dump from Ray's worker teardown (issue #21, items 5 and 8).
+step (``prepare.publish``) (issue #21, item 5). The first run is standalone, as a user runs it (its
+own Ray instance, started and stopped by the CLI).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ pytestmark = pytest.mark.integration
 CLI = Path(sys.executable).with_name("llava-ray")
 FIRST, SECOND = 6, 12  # samples of the first run and of the rerun: the row counts tell them apart
 WAIT_S = 600  # a bound on waiting for the rerun to start writing, not a timing assertion
-CRASH_MARKERS = ("Fatal Python error", "Mutex corrupt", "Aborted (core dumped)", "Check failed")
 
 
 def write_lines(synthetic: Path, out: Path, count: int) -> Path:
@@ -67,8 +66,6 @@ def test_a_killed_rerun_leaves_the_previous_data_whole_and_readable(
         text=True,
     )
     assert standalone.returncode == 0, standalone.stderr[-4000:]
-    crashes = [marker for marker in CRASH_MARKERS if marker in standalone.stderr + standalone.stdout]
-    assert not crashes, f"crash dump at the end of prepare ({crashes}):\n{standalone.stderr[-4000:]}"
     report_bytes = (out / REPORT_FILE).read_bytes()
     assert json.loads(report_bytes)["written"] == FIRST == len(index_prepared(str(out)).rows)
 

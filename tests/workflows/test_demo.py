@@ -1,13 +1,13 @@
 """The embedded demo, small: installed from its wheel it runs from any directory; its summary, its MLflow
-runs, and a rerun that reuses the prepared data.
+runs, and a rerun's reuse of the synthetic and prepared data.
 
 The demo runs once from a wheel installed in a fresh virtualenv, started in a directory that is
 neither the repository nor a git checkout: that catches lookups into the repository that only work
 in a checkout (configs found next to the source tree, package data missing from the wheel, a git
 commit read from the package's location). The virtualenv's dependencies come from this environment's
 site-packages (a path in a ``.pth`` file, so nothing is downloaded or reinstalled and this
-environment's editable llava-ray, itself a ``.pth``, is not seen). The rerun then runs in this
-process, on the same work directory. One demo fewer than testing the two apart: about 2 minutes.
+environment's editable llava-ray, itself a ``.pth``, is not seen). The reuse is then checked in this
+process on the same work directory, with the steps a rerun takes before it trains.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from typing import Any
 import pytest
 from mlflow import MlflowClient
 
-from llava_ray.workflows.demo import run_demo, synthetic_data
+from llava_ray.workflows.demo import stage_config, synthetic_data
+from llava_ray.workflows.pipeline import prepare_job
 
 pytestmark = pytest.mark.integration
 
@@ -173,19 +174,26 @@ def test_the_demo_summary_and_its_mlflow_runs(installed_demo):
     assert all(child.info.status == "FINISHED" for child in children)
 
 
-def test_a_rerun_reuses_the_prepared_data(installed_demo, ray_cluster, monkeypatch):
-    workdir, summary = installed_demo
+def test_a_rerun_reuses_the_synthetic_and_prepared_data(installed_demo, monkeypatch):
+    """What a rerun does before it trains, on the demo's own work dir: the synthetic data and each
+    stage's prepared data are taken as they are (a whole rerun retrains both stages: 100 s more)."""
+    workdir, _ = installed_demo
     monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the demo's own store in its work dir
-    rerun = run_demo(workdir, samples=SAMPLES, extra=OVERRIDES)
-    assert rerun["parent_run_id"] != summary["parent_run_id"]  # a new run, reusing the prepared data
+    manifest = (workdir / "data" / "manifest.json").read_bytes()
+    assert synthetic_data(workdir, samples=SAMPLES, seed=0) == json.loads(manifest)
+    assert (workdir / "data" / "manifest.json").read_bytes() == manifest  # not written again
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    reused = client.search_runs(experiments, f"tags.mlflow.parentRunId = '{rerun['parent_run_id']}'")
-    assert {
-        r.data.tags.get("llava_ray.reused_prepared_data")
-        for r in reused
-        if r.data.tags["llava_ray.job"] == "prepare"
-    } == {"True"}
+    for stage in ("pretrain", "finetune"):
+        config = stage_config(stage, workdir, OVERRIDES)
+        report_file = Path(config.data.prepared_path) / "report.json"
+        written = report_file.read_bytes()
+        assert prepare_job(config, reuse=True) == json.loads(written)
+        assert report_file.read_bytes() == written
+        (run,) = client.search_runs(
+            [e.experiment_id for e in client.search_experiments()],
+            f"tags.llava_ray.reused_prepared_data = 'True' and attributes.run_name = 'prepare {stage} {config.run.name}'",
+        )
+        assert run.info.status == "FINISHED"
 
 
 def test_synthetic_data_is_reused_only_for_the_same_size_and_seed(tmp_path):
