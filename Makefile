@@ -42,8 +42,9 @@ browser:
 
 # Unit tests run in two processes (each single-threaded: both cores busy). Integration tests run after
 # them in one: each starts Ray clusters, Ray Train worker groups and servers that already use both
-# cores, and two at once on a 2-core CI machine took 61 min where one took about 25 (a README command
-# also joins whichever `ray start` cluster another test has up, as Ray's auto-connect does).
+# cores. Two processes took 61 min on CI, with 4 failures, where one takes 36 min on an idle 2-core
+# machine; and a README command run beside another test joins that test's `ray start` cluster
+# (Ray's ray.init() connects to the last `ray start` on the machine).
 # Exit status 5 is "no test selected" (PYTEST_ARGS).
 test: install browser
 	$(BIN)/python -m pytest -m "not integration" -n 2 $(PYTEST_ARGS) || [ $$? -eq 5 ]

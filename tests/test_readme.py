@@ -2,8 +2,9 @@
 
 Every fenced ``bash`` block of the README's "Quickstart" and "A tiny walkthrough" sections runs, in
 order, in a copy of this checkout (its tracked and untracked files: what a clone of it holds, plus
-uncommitted work), with ``llava-ray`` on the PATH from this virtualenv and no MLflow or Ray address
-inherited from the test session. Skipped: the Quickstart's ``make demo``, ``make test`` and
+uncommitted work), with ``llava-ray`` on the PATH from this virtualenv, no MLflow or Ray address
+inherited from the test session, and a Ray temp folder of its own, so that no ``ray start`` cluster
+of the machine is joined. Skipped: the Quickstart's ``make demo``, ``make test`` and
 ``make lint`` lines (they install into .venv and run the demo and this suite; tests/workflows/test_demo.py
 runs the demo, and the suite is itself). Two things differ from a terminal: ``llava-ray chat`` reads
 one question and ``/quit`` from its stdin, and ``llava-ray serve`` gets ``--port`` on a free port, is
@@ -19,9 +20,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -69,16 +72,18 @@ def fresh_clone(dest: Path) -> Path:
     return dest
 
 
-def command_environment(tmp_path: Path) -> dict[str, str]:
-    """A user's shell: llava-ray on the PATH, nothing pointing at the session's MLflow store or Ray."""
+def command_environment(tmp_path: Path, ray_tmp: Path) -> dict[str, str]:
+    """A user's shell on a fresh machine: llava-ray on the PATH, nothing pointing at the session's
+    MLflow store or Ray. Ray's temp folder is ``ray_tmp``, a new one: ``ray.init()`` joins the last
+    ``ray start`` cluster recorded in its temp folder, and another test's (or a developer's) must
+    not be found there. Its path stays short: Ray's socket paths must fit in 108 bytes."""
     env = {
         key: value
         for key, value in os.environ.items()
         if not key.startswith(("MLFLOW_", "RAY_ADDRESS", "PYTEST_", "AWS_"))
     }
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    # Ray keeps its sockets under its temp folder, whose path must stay short: where it would be without us.
-    env["RAY_TMPDIR"] = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    env["RAY_TMPDIR"] = str(ray_tmp)
     env["TMPDIR"] = str(tmp_path / "tmp")  # where `mktemp -d` makes "another directory"
     (tmp_path / "tmp").mkdir(exist_ok=True)
     return env
@@ -154,10 +159,22 @@ def test_readme_blocks_are_found():
     assert any(line.startswith("llava-ray serve") for line in commands)
 
 
+@pytest.fixture
+def ray_tmp() -> Iterator[Path]:
+    """A new, short Ray temp folder (see :func:`command_environment`), removed afterwards."""
+    folder = Path(tempfile.mkdtemp(prefix="readme", dir="/tmp"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.mark.integration
-def test_readme_commands_run_as_typed_in_a_fresh_clone_and_from_another_directory(tmp_path, get_free_port):
+def test_readme_commands_run_as_typed_in_a_fresh_clone_and_from_another_directory(
+    tmp_path, get_free_port, ray_tmp
+):
     clone = fresh_clone(tmp_path / "clone")
-    env = command_environment(tmp_path)
+    env = command_environment(tmp_path, ray_tmp)
     ran = []
     for block in readme_blocks((clone / "README.md").read_text()):
         lines = [line for line in block if not line.startswith(SKIPPED)]
