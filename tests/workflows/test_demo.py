@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from mlflow import MlflowClient
 
+from llava_ray.data.prepare import REPORT_FILE
 from llava_ray.workflows.demo import stage_config, synthetic_data
 from llava_ray.workflows.pipeline import prepare_job
 
@@ -185,15 +186,15 @@ def test_a_rerun_reuses_the_synthetic_and_prepared_data(installed_demo, monkeypa
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     for stage in ("pretrain", "finetune"):
         config = stage_config(stage, workdir, OVERRIDES)
-        report_file = Path(config.data.prepared_path) / "report.json"
+        report_file = Path(config.data.prepared_path) / REPORT_FILE
         written = report_file.read_bytes()
         assert prepare_job(config, reuse=True) == json.loads(written)
         assert report_file.read_bytes() == written
-        (run,) = client.search_runs(
+        (prepare_run,) = client.search_runs(
             [e.experiment_id for e in client.search_experiments()],
             f"tags.llava_ray.reused_prepared_data = 'True' and attributes.run_name = 'prepare {stage} {config.run.name}'",
         )
-        assert run.info.status == "FINISHED"
+        assert prepare_run.info.status == "FINISHED"
 
 
 def test_synthetic_data_is_reused_only_for_the_same_size_and_seed(tmp_path):
