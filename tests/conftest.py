@@ -13,11 +13,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # OpenMP threads make a step 20-50x slower.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -37,6 +39,90 @@ from llava_ray.model.build import build_llava_model
 from llava_ray.training.trainable import set_trainable
 
 torch.set_num_threads(1)
+
+# Every process this test session starts, Ray's included, inherits this mark (xdist workers share
+# the main process's): it tells this session's orphaned Ray workers from anyone else's.
+SESSION_MARK = "LLAVA_RAY_TEST_SESSION"
+os.environ.setdefault(SESSION_MARK, uuid.uuid4().hex)
+
+
+def _process_environment(pid: str) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:  # gone, or not ours to read
+        return {}
+    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+
+
+def _comm_and_state(pid: str) -> tuple[str, str]:
+    """A process's command name and state letter (``Z`` for a zombie); empty when it is gone."""
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "", ""
+    return comm, state
+
+
+def orphaned_ray_workers(mark: str) -> list[int]:
+    """Pids of Ray worker processes started under the test session ``mark`` whose raylet is gone.
+
+    Ray starts each worker with ``RAY_RAYLET_PID`` in its environment. A worker whose cluster has
+    stopped should have exited with it, but Ray 2.60's core worker can deadlock in its own exit
+    (``~CoreWorkerProcessImpl`` destroying its io context, see docs/reliability.md); such a process
+    outlives its cluster, asleep, holding its memory, and nothing else will ever stop it."""
+    orphans = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or entry.name == str(os.getpid()):
+            continue
+        environment = _process_environment(entry.name)
+        raylet = environment.get("RAY_RAYLET_PID")
+        if environment.get(SESSION_MARK) != mark or not raylet or _comm_and_state(raylet)[0] == "raylet":
+            continue
+        if _comm_and_state(entry.name)[1] not in ("", "Z"):
+            orphans.append(int(entry.name))
+    return orphans
+
+
+REAPED: list[str] = []  # "pid command" of each orphan the fixture below stopped, for the session's summary
+
+
+def reap_orphaned_ray_workers(mark: str) -> dict[int, str]:
+    """SIGKILL the orphaned Ray workers of session ``mark`` (:func:`orphaned_ray_workers`); a deadlocked
+    exit answers no gentler signal. Returns each one's pid and command line."""
+    reaped = {}
+    for pid in orphaned_ray_workers(mark):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            continue
+        reaped[pid] = command
+    return reaped
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_orphaned_ray_workers() -> Iterator[None]:
+    """After each module, stop the Ray workers its clusters left behind (see :func:`orphaned_ray_workers`)."""
+    yield
+    REAPED.extend(
+        f"{pid} {command}" for pid, command in reap_orphaned_ray_workers(os.environ[SESSION_MARK]).items()
+    )
+
+
+@pytest.fixture(scope="session")
+def ray_orphans() -> tuple[Callable[[str], list[int]], Callable[[str], dict[int, str]]]:
+    """(:func:`orphaned_ray_workers`, :func:`reap_orphaned_ray_workers`), for their test."""
+    return orphaned_ray_workers, reap_orphaned_ray_workers
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if REAPED:
+        terminalreporter.section(
+            "orphaned Ray workers stopped (their cluster had stopped; see docs/reliability.md)"
+        )
+        for line in REAPED:
+            terminalreporter.write_line(line[:200])
 
 
 @pytest.fixture(scope="session", autouse=True)
