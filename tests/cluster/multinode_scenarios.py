@@ -7,14 +7,13 @@ would. Each scenario runs in a process of its own (this script), so the cluster 
 session-wide Ray instance of the pytest process that launches it; ``tests/cluster/test_multinode.py``
 runs the scenarios and asserts on the one JSON line each prints last::
 
-    python tests/cluster/multinode_scenarios.py placement WORKDIR
-    python tests/cluster/multinode_scenarios.py node-loss WORKDIR
+    python tests/cluster/multinode_scenarios.py training WORKDIR
     python tests/cluster/multinode_scenarios.py prepare-node-loss WORKDIR
 
-``placement``: stage 1 with its two Ray Train workers on two different nodes, and the same job
-with both workers on one node (the baseline ``node-loss`` also compares against).
-``node-loss``: the node of one training worker is removed after the step-2 checkpoint; a
-replacement node joins and the run resumes from the latest checkpoint.
+``training``, on one cluster (one start of it and of this process, not two): first placement,
+stage 1 with both Ray Train workers on one node (the baseline) and the same job with one worker
+on each of two nodes; then node loss, the node of one training worker removed after the step-2
+checkpoint, a replacement node joining and the run resuming from the latest checkpoint.
 ``prepare-node-loss``: a node running a prepare actor is removed mid-run and a node c joins;
 the shards and report are read back.
 
@@ -217,17 +216,22 @@ def train_on(cluster: LocalCluster, config: LlavaRayConfig) -> dict[str, Any]:
     }
 
 
-def placement(workdir: Path) -> dict[str, Any]:
+def training(workdir: Path) -> dict[str, Any]:
+    """:func:`placement`, then :func:`node_loss`, on one cluster."""
+    with local_cluster({"a": {"train_slot": 1}, "b": {"train_slot": 1}, "pair": {"pair_slot": 2}}) as cluster:
+        return {"placement": placement(cluster, workdir), **node_loss(cluster, workdir)}
+
+
+def placement(cluster: LocalCluster, workdir: Path) -> dict[str, Any]:
     """Both workers on one node, then one worker on each of two nodes.
 
     A worker asks for one ``train_slot``; nodes a and b have one each, so the two workers of a
     job cannot share a node (Ray Train's default PACK placement still spills a bundle that does
     not fit). Node ``pair`` has two ``pair_slot`` units, so both workers of the baseline land there.
     """
-    with local_cluster({"a": {"train_slot": 1}, "b": {"train_slot": 1}, "pair": {"pair_slot": 2}}) as cluster:
-        train_data(workdir)
-        one_node = train_on(cluster, train_config(workdir, "one-node", {"pair_slot": 1}))
-        two_nodes = train_on(cluster, train_config(workdir, "two-nodes", {"train_slot": 1}))
+    train_data(workdir)
+    one_node = train_on(cluster, train_config(workdir, "one-node", {"pair_slot": 1}))
+    two_nodes = train_on(cluster, train_config(workdir, "two-nodes", {"train_slot": 1}))
     return {"one_node": one_node, "two_nodes": two_nodes}
 
 
@@ -267,43 +271,42 @@ class Background:
         return not self.thread.is_alive()
 
 
-def node_loss(workdir: Path) -> dict[str, Any]:
+def node_loss(cluster: LocalCluster, workdir: Path) -> dict[str, Any]:
     """Node b (one training worker) is removed once the step-2 checkpoint is registered.
 
     Nodes a and b hold the only two ``train_slot`` units, so the restarted worker group needs
     the replacement node c, which joins right after b is gone (as an autoscaler would add one).
     """
     observed: dict[str, Any] = {}
-    with local_cluster({"a": {"train_slot": 1}, "b": {"train_slot": 1}}) as cluster:
-        config = train_config(workdir, "node-loss", {"train_slot": 1}, "scaling.max_failures=2")
-        run_dir = workdir / "runs" / "node-loss"
-        shutil.rmtree(run_dir, ignore_errors=True)
-        started = time.monotonic()
-        job = Background(lambda: train_on(cluster, config))
-        wait_for(
-            lambda: job.done() or latest_checkpoint_step(run_dir) >= NODE_LOSS_AFTER_STEP,
-            "the step-2 checkpoint",
-        )
-        if not job.done():
-            observed["checkpoint_step_at_removal"] = latest_checkpoint_step(run_dir)
-            observed["workers_before"] = cluster.actors("RayTrainWorker")
-            removed_at, removed_wall = time.monotonic(), time.time()
-            cluster.remove("b")
-            observed["removed_after_s"] = round(removed_at - started, 1)
-            cluster.add("c", {"train_slot": 1})
-            observed["replacement_joined_s"] = round(time.monotonic() - removed_at, 1)
+    config = train_config(workdir, "node-loss", {"train_slot": 1}, "scaling.max_failures=2")
+    run_dir = workdir / "runs" / "node-loss"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    started = time.monotonic()
+    job = Background(lambda: train_on(cluster, config))
+    wait_for(
+        lambda: job.done() or latest_checkpoint_step(run_dir) >= NODE_LOSS_AFTER_STEP,
+        "the step-2 checkpoint",
+    )
+    if not job.done():
+        observed["checkpoint_step_at_removal"] = latest_checkpoint_step(run_dir)
+        observed["workers_before"] = cluster.actors("RayTrainWorker")
+        removed_at, removed_wall = time.monotonic(), time.time()
+        cluster.remove("b")
+        observed["removed_after_s"] = round(removed_at - started, 1)
+        cluster.add("c", {"train_slot": 1})
+        observed["replacement_joined_s"] = round(time.monotonic() - removed_at, 1)
 
-            def restarted() -> bool:
-                alive = [a for a in cluster.actors("RayTrainWorker") if a["state"] == "ALIVE"]
-                return job.done() or (len(alive) == 2 and any(a["node"] == "c" for a in alive))
+        def restarted() -> bool:
+            alive = [a for a in cluster.actors("RayTrainWorker") if a["state"] == "ALIVE"]
+            return job.done() or (len(alive) == 2 and any(a["node"] == "c" for a in alive))
 
-            wait_for(restarted, "the restarted worker group")
-            observed["workers_restarted_s"] = round(time.monotonic() - removed_at, 1)
-        wait_for(job.done, "the job", timeout_s=2 * WAIT_TIMEOUT_S)
-        observed["workers_after"] = cluster.actors("RayTrainWorker")
-        if "removed_after_s" in observed:
-            observed["removal_to_end_s"] = round(job.finished_at - removed_at, 1)
-            observed |= lost_work(loss_log(config), removed_wall)
+        wait_for(restarted, "the restarted worker group")
+        observed["workers_restarted_s"] = round(time.monotonic() - removed_at, 1)
+    wait_for(job.done, "the job", timeout_s=2 * WAIT_TIMEOUT_S)
+    observed["workers_after"] = cluster.actors("RayTrainWorker")
+    if "removed_after_s" in observed:
+        observed["removal_to_end_s"] = round(job.finished_at - removed_at, 1)
+        observed |= lost_work(loss_log(config), removed_wall)
     return {"node_loss": job.result or {"error": job.error}, **observed}
 
 
@@ -414,8 +417,7 @@ def prepare_node_loss(workdir: Path) -> dict[str, Any]:
 
 
 SCENARIOS: dict[str, Callable[[Path], dict[str, Any]]] = {
-    "placement": placement,
-    "node-loss": node_loss,
+    "training": training,
     "prepare-node-loss": prepare_node_loss,
 }
 

@@ -6,8 +6,8 @@ own (a head and 1-CPU worker nodes, each its own raylet and object store), so th
 prints. Covers: two Ray Train workers on two nodes train exactly as on one node; a training
 node removed mid-run (raylet, object store and all) is survived from the latest checkpoint on a
 replacement node, to the same weights; ``prepare`` survives a node removed mid-run with a
-balanced report and exactly the reported rows in its shards. 4-5.5 minutes on 2 cores (placement
-1.5-2.8, node loss 1.5-2.1, prepare 0.9-1.4); each scenario's JSON is kept in its workdir.
+balanced report and exactly the reported rows in its shards. Placement and node loss share one
+cluster and process; each scenario's JSON is kept in its workdir.
 
     python -m pytest tests/cluster/test_multinode.py -q
 """
@@ -86,12 +86,13 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def placement(workdir: Path) -> dict[str, Any]:
-    return run_scenario("placement", workdir)
+def training(workdir: Path) -> dict[str, Any]:
+    """Placement, then node loss, on one cluster (one start of it saves about half a minute)."""
+    return run_scenario("training", workdir)
 
 
-def test_two_workers_on_two_nodes_train_as_on_one_node(placement):
-    one_node, two_nodes = placement["one_node"], placement["two_nodes"]
+def test_two_workers_on_two_nodes_train_as_on_one_node(training):
+    one_node, two_nodes = training["placement"]["one_node"], training["placement"]["two_nodes"]
     assert one_node["worker_nodes"] == ["pair", "pair"]
     assert two_nodes["worker_nodes"] == ["a", "b"]
     for run in (one_node, two_nodes):
@@ -100,8 +101,8 @@ def test_two_workers_on_two_nodes_train_as_on_one_node(placement):
     assert_same_weights(two_nodes["final_model"], one_node["final_model"])
 
 
-def test_removed_training_node_resumes_from_its_checkpoint_to_the_same_weights(placement, workdir):
-    observed = run_scenario("node-loss", workdir)
+def test_removed_training_node_resumes_from_its_checkpoint_to_the_same_weights(training):
+    observed = training
     run = observed["node_loss"]
     assert "error" not in run, run["error"]
     # The node went after the step-2 checkpoint and before the end, with a worker on it.
@@ -116,7 +117,7 @@ def test_removed_training_node_resumes_from_its_checkpoint_to_the_same_weights(p
     resumed, redone = run["metrics"]["resumed_from_step"], observed["steps_trained_twice"]
     assert redone == list(range(resumed + 1, resumed + 1 + len(redone)))
     assert max(redone, default=resumed) >= observed["step_at_removal"]
-    assert_same_weights(run["final_model"], placement["one_node"]["final_model"])
+    assert_same_weights(run["final_model"], training["placement"]["one_node"]["final_model"])
 
 
 def test_prepare_survives_a_removed_node(tmp_path):

@@ -174,6 +174,7 @@ def test_restarted_job_resumes_from_its_latest_checkpoint_on_s3(prepared, s3_end
         "fault.kill_rank=0",
         "fault.kill_at_step=3",
         "scaling.max_failures=0",
+        "scaling.num_workers=1",  # what is under test is the storage, not the group: one process less to start
     )
     with pytest.raises(ray.train.TrainingFailedError):
         run_train(config)  # the whole job dies after step 3; step 2's checkpoint is on S3
