@@ -12,6 +12,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny models gain nothing from intra-op threads, and on 2 cores shared with Ray workers spinning
 # OpenMP threads make a step 20-50x slower.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Ray starts its workers at niceness 15: beside any other work on the machine (CI shares its machine)
+# they starve while the test waits on them, at load 8 18x slower. Every Ray the suite starts, itself
+# or through a command, a job or a scenario it runs, inherits this (as the CLI's own Ray does).
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 import signal
 import socket

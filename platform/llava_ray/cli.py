@@ -707,18 +707,25 @@ def _error_text(error: Exception) -> str:
     return " ".join(str(error).split()) if "\n" in str(error) else str(error)
 
 
-# A local Ray started by a command lives as long as the command: its idle pooled workers may live
-# as long too. Ray otherwise retires them 10 s into their idleness, mid-job, and now and then such
-# a retiring worker aborts with a "Mutex corrupt ... Fatal Python error" dump (docs/data.md). A
-# cluster's own setting (`ray start`'s environment) is untouched: this reaches only a Ray that this
-# process starts.
-IDLE_WORKER_THRESHOLD = ("RAY_idle_worker_killing_time_threshold_ms", str(60 * 60 * 1000))
+# Settings for a local Ray that a command starts; a cluster's own (`ray start`'s environment) are
+# untouched, and an operator's environment wins.
+# - The Ray lives as long as the command: its idle pooled workers may live as long too. Ray otherwise
+#   retires them 10 s into their idleness, mid-job, and now and then such a retiring worker aborts
+#   with a "Mutex corrupt ... Fatal Python error" dump (docs/data.md).
+# - Ray starts its workers at niceness 15, below everything else on the machine, so beside any other
+#   work they starve: at load 8 two Ray Train workers took 123 s to start instead of 7
+#   (docs/reliability.md). Here the workers are the job: they run at the command's priority.
+LOCAL_RAY_ENVIRONMENT = {
+    "RAY_idle_worker_killing_time_threshold_ms": str(60 * 60 * 1000),
+    "RAY_worker_niceness": "0",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from llava_ray.tracking.mlflow_tracking import TrackingUnavailable
 
-    os.environ.setdefault(*IDLE_WORKER_THRESHOLD)
+    for key, value in LOCAL_RAY_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = argv[:1] == ["--verbose"]
     if argv[verbose : verbose + 1] == ["chat"]:
