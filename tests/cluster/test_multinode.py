@@ -102,21 +102,20 @@ def test_two_workers_on_two_nodes_train_as_on_one_node(training):
 
 
 def test_removed_training_node_resumes_from_its_checkpoint_to_the_same_weights(training):
-    observed = training
-    run = observed["node_loss"]
+    run = training["node_loss"]
     assert "error" not in run, run["error"]
     # The node went after the step-2 checkpoint and before the end, with a worker on it.
-    assert observed["checkpoint_step_at_removal"] >= 2
-    assert "b" in {worker["node"] for worker in observed["workers_before"] if worker["state"] == "ALIVE"}
+    assert training["checkpoint_step_at_removal"] >= 2
+    assert "b" in {worker["node"] for worker in training["workers_before"] if worker["state"] == "ALIVE"}
     # Ray Train restarted the worker group on the remaining node and the replacement.
     assert run["worker_nodes"].count("c") == 1
     assert run["metrics"]["step"] == 6
     assert 2 <= run["metrics"]["resumed_from_step"] < 6
     # Lost work: the steps done after that checkpoint, up to the loss (and at most the one step
     # rank 0 was finishing as the node went), were trained again; no other step was.
-    resumed, redone = run["metrics"]["resumed_from_step"], observed["steps_trained_twice"]
+    resumed, redone = run["metrics"]["resumed_from_step"], training["steps_trained_twice"]
     assert redone == list(range(resumed + 1, resumed + 1 + len(redone)))
-    assert max(redone, default=resumed) >= observed["step_at_removal"]
+    assert max(redone, default=resumed) >= training["step_at_removal"]
     assert_same_weights(run["final_model"], training["placement"]["one_node"]["final_model"])
 
 
